@@ -1,0 +1,112 @@
+"""``torch.library`` registration of the compiled ``uce_fast`` ops.
+
+The schemas and kernels live in the compiled extension ``uce_fast._C`` (``csrc/``): the CPU kernels
+always, the CUDA kernels when the extension was built against a CUDA build of torch. This module
+loads it if it is there and adds what the dispatcher needs from Python: fake (meta) kernels, so that
+``torch.compile(fullgraph=True)`` can trace the ops, and the autograd formula, whose backward is
+itself a compiled op that reads only the saved per-pixel tensors (never the sample stack).
+
+Op contract (all tensors contiguous; N is the product of the spatial dims, 1 when there are none):
+
+``uce_fast::uce_forward(input (B, C, N), target (B, N) int64, samples (β, B, C, N) | None,
+sigma (B, N) float32 | None, weight (C,) float32 | None, alpha, ignore_index, label_smoothing,
+correction) -> (loss, lse, pixel_weight)``, each (B, N) float32: the weighted per-pixel loss
+(0 where ignored), the log-sum-exp of the logits and ``(1 + sigma) ** alpha``.
+
+``uce_fast::uce_backward(grad_loss (B, N) float32, input, target, lse, pixel_weight, weight,
+ignore_index, label_smoothing) -> grad_input`` (B, C, N) in the dtype of ``input``.
+
+``uce_fast::mc_uncertainty(samples (β, B, C, N), correction) -> (sigma (B, N) float32,
+pred (B, N) int64)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["NATIVE_IMPORT_ERROR", "mc_uncertainty", "native_devices", "uce_forward"]
+
+NATIVE_IMPORT_ERROR: Exception | None = None
+try:
+    from uce_fast import _C  # noqa: F401  (loading it registers the ops)
+except ImportError as exc:  # the package still works with backend="torch"
+    NATIVE_IMPORT_ERROR = exc
+
+
+def native_devices() -> tuple[str, ...]:
+    """Device types ("cpu", "cuda") for which the compiled ops have a kernel in this install."""
+    if NATIVE_IMPORT_ERROR is not None:
+        return ()
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    return tuple(
+        dev for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if has_kernel("uce_fast::uce_forward", key)
+    )
+
+
+def uce_forward(
+    input: Tensor,
+    target: Tensor,
+    samples: Tensor | None,
+    sigma: Tensor | None,
+    weight: Tensor | None,
+    alpha: float,
+    ignore_index: int,
+    label_smoothing: float,
+    correction: int,
+) -> Tensor:
+    """Per-pixel U-CE loss (B, N) float32 from the compiled op; differentiable w.r.t. ``input``."""
+    return torch.ops.uce_fast.uce_forward(
+        input, target, samples, sigma, weight, alpha, ignore_index, label_smoothing, correction
+    )[0]
+
+
+def mc_uncertainty(samples: Tensor, correction: int) -> tuple[Tensor, Tensor]:
+    """``(sigma, pred)``, each (B, N), from the compiled op for samples (β, B, C, N)."""
+    return torch.ops.uce_fast.mc_uncertainty(samples, correction)
+
+
+def _register() -> None:
+    @torch.library.register_fake("uce_fast::uce_forward")
+    def _uce_forward_fake(input, target, samples, sigma, weight, alpha, ignore_index,
+                          label_smoothing, correction):
+        batch, _, pixels = input.shape
+        loss = input.new_empty((batch, pixels), dtype=torch.float32)
+        return loss, torch.empty_like(loss), torch.empty_like(loss)
+
+    @torch.library.register_fake("uce_fast::uce_backward")
+    def _uce_backward_fake(grad_loss, input, target, lse, pixel_weight, weight, ignore_index,
+                           label_smoothing):
+        return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("uce_fast::mc_uncertainty")
+    def _mc_uncertainty_fake(samples, correction):
+        _, batch, _, pixels = samples.shape
+        sigma = samples.new_empty((batch, pixels), dtype=torch.float32)
+        return sigma, samples.new_empty((batch, pixels), dtype=torch.int64)
+
+    def _setup_context(ctx, inputs, output):
+        input, target, _samples, _sigma, weight, _alpha, ignore_index, label_smoothing, _c = inputs
+        _, lse, pixel_weight = output
+        ctx.save_for_backward(input, target, lse, pixel_weight, weight)
+        ctx.ignore_index = ignore_index
+        ctx.label_smoothing = label_smoothing
+
+    def _backward(ctx, grad_loss, _grad_lse, _grad_pixel_weight):
+        input, target, lse, pixel_weight, weight = ctx.saved_tensors
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            grad_input = torch.ops.uce_fast.uce_backward(
+                grad_loss.float(), input, target, lse, pixel_weight, weight,
+                ctx.ignore_index, ctx.label_smoothing,
+            )
+        return grad_input, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "uce_fast::uce_forward", _backward, setup_context=_setup_context
+    )
+
+
+if NATIVE_IMPORT_ERROR is None:
+    _register()
