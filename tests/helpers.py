@@ -1,0 +1,76 @@
+"""Shared test helpers: backends under test, input factories and the one tolerance helper."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import uce_fast
+
+#: Backends the suite knows; each test parametrised over them skips those not usable here.
+ALL_BACKENDS = ("torch", "cpu", "cuda")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Tolerances by the dtype of the compared tensor. Backends are compared with the reference run on
+# the *same* (possibly low-precision) values upcast to float32, so float32 results differ only by
+# float32 rounding; low-precision gradients additionally by one rounding to their own dtype.
+_TOL = {
+    torch.float64: (1e-9, 1e-10),
+    torch.float32: (2e-5, 2e-6),
+    torch.float16: (4e-3, 1e-5),
+    torch.bfloat16: (2e-2, 1e-4),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype: torch.dtype | None = None,
+                 scale: float = 1.0, msg: str = "") -> None:
+    """``torch.testing.assert_close`` with the suite's tolerance for ``dtype`` (default: actual's),
+    loosened by ``scale``. NaNs must match; shapes must match exactly."""
+    rtol, atol = _TOL[dtype or actual.dtype]
+    assert actual.shape == expected.shape, f"{msg}: shape {actual.shape} != {expected.shape}"
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=rtol * scale, atol=atol * scale, equal_nan=True,
+        msg=lambda m: f"{msg}\n{m}" if msg else m,
+    )
+
+
+def device_of(backend: str) -> torch.device:
+    return torch.device("cuda" if backend == "cuda" else "cpu")
+
+
+def backend_params(names=ALL_BACKENDS):
+    """pytest params for backends, skipped with a reason where they cannot run."""
+    usable = uce_fast.available_backends()
+    params = []
+    for name in names:
+        reason = f"backend {name!r} is not available here (available: {usable})"
+        params.append(pytest.param(name, id=name,
+                                   marks=pytest.mark.skipif(name not in usable, reason=reason)))
+    return params
+
+
+def make_case(batch: int, classes: int, spatial: tuple[int, ...], beta: int, *,
+              dtype: torch.dtype = torch.float32, sample_dtype: torch.dtype | None = None,
+              ignore_frac: float = 0.2, ignore_index: int = -100, device="cpu", seed: int = 0,
+              spread: float = 2.0):
+    """Random logits, targets (a fraction ignored) and MC samples scattered around the logits."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, classes, *spatial)
+    logits = torch.randn(shape, generator=gen) * spread
+    samples = logits + torch.randn((beta, *shape), generator=gen)
+    target = torch.randint(0, classes, (batch, *spatial), generator=gen)
+    ignored = torch.rand(target.shape, generator=gen) < ignore_frac
+    target = torch.where(ignored, torch.full_like(target, ignore_index), target)
+    return (logits.to(device=device, dtype=dtype).requires_grad_(True), target.to(device),
+            samples.to(device=device, dtype=sample_dtype or dtype))
+
+
+def loss_and_grad(fn, input, grad_out=None):
+    """Evaluate ``fn(x)`` on a fresh leaf copy of ``input``; return (loss, d loss / d x)."""
+    x = input.detach().clone().requires_grad_(True)
+    loss = fn(x)
+    if grad_out is None:
+        grad_out = torch.ones_like(loss)
+    grad = torch.autograd.grad(loss, x, grad_out.to(loss), allow_unused=False)[0]
+    return loss.detach(), grad
+

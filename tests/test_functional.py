@@ -1,0 +1,299 @@
+"""uce_loss and predictive_uncertainty: every backend against the reference and float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DTYPES, assert_close, backend_params, device_of, loss_and_grad, make_case
+
+import uce_fast
+from uce_fast import reference
+
+BACKENDS = backend_params()
+
+# (B, C, spatial, β): every class count of the brief, odd sizes, 0-3 spatial dims.
+SHAPES = [
+    (2, 2, (7, 5), 2),
+    (2, 3, (33,), 3),
+    (2, 19, (9, 11), 10),
+    (1, 19, (), 3),
+    (5, 19, (), 2),
+    (2, 150, (5, 7), 3),
+    (1, 1000, (13,), 2),
+    (2, 5, (3, 4, 5), 3),
+    (1, 19, (67, 65), 10),
+]
+
+
+def _ids(shape):
+    batch, classes, spatial, beta = shape
+    return f"B{batch}-C{classes}-S{'x'.join(map(str, spatial)) or 'none'}-beta{beta}"
+
+
+def _run(backend, input, target, samples=None, grad_out=None, **options):
+    return loss_and_grad(
+        lambda x: uce_fast.uce_loss(x, target, samples, backend=backend, **options), input,
+        grad_out)
+
+
+def _reference(input, target, samples=None, grad_out=None, dtype=torch.float32, **options):
+    """The "torch" backend on the same values upcast to ``dtype``; grad in input's dtype."""
+    return loss_and_grad(
+        lambda x: uce_fast.uce_loss(x.to(dtype), target,
+                                    None if samples is None else samples.to(dtype),
+                                    backend="torch", **options),
+        input, grad_out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_reference_and_float64(backend, dtype, shape, reduction):
+    batch, classes, spatial, beta = shape
+    input, target, samples = make_case(batch, classes, spatial, beta, dtype=dtype,
+                                       device=device_of(backend), seed=classes + beta)
+    grad_out = None
+    if reduction == "none":  # an upstream gradient that is not 1
+        grad_out = torch.rand(target.shape, generator=torch.Generator().manual_seed(1)) + 0.5
+        grad_out = grad_out.to(target.device)
+    loss, grad = _run(backend, input, target, samples, grad_out, reduction=reduction)
+    ref_loss, ref_grad = _reference(input, target, samples, grad_out, reduction=reduction)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert_close(loss, ref_loss, msg="loss vs reference")
+    assert_close(grad, ref_grad, msg="grad vs reference")
+    f64_loss, f64_grad = _reference(input, target, samples, grad_out, dtype=torch.float64,
+                                    reduction=reduction)
+    assert_close(loss, f64_loss, dtype=torch.float32, scale=5, msg="loss vs float64")
+    assert_close(grad, f64_grad.to(dtype), dtype=dtype, scale=5, msg="grad vs float64")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["no-weight", "weight"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("avg_non_ignore", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_options(backend, weighted, label_smoothing, avg_non_ignore, reduction):
+    device = device_of(backend)
+    input, target, samples = make_case(2, 19, (17, 9), 4, ignore_index=255, device=device,
+                                       ignore_frac=0.5)
+    weight = torch.rand(19, generator=torch.Generator().manual_seed(3)).to(device) + 0.1
+    options = dict(weight=weight if weighted else None, label_smoothing=label_smoothing,
+                   avg_non_ignore=avg_non_ignore, reduction=reduction, ignore_index=255,
+                   alpha=3.0)
+    loss, grad = _run(backend, input, target, samples, **options)
+    ref_loss, ref_grad = _reference(input, target, samples, dtype=torch.float64, **options)
+    assert_close(loss, ref_loss.float(), dtype=torch.float32, scale=5)
+    assert_close(grad, ref_grad.float(), dtype=torch.float32, scale=5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spatial", [(), (31,), (9, 7), (3, 4, 5)], ids=str)
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(reduction="sum"),
+    dict(reduction="none"),
+    dict(ignore_index=3, label_smoothing=0.2),
+    dict(weight="random", reduction="mean"),
+    dict(weight="random", label_smoothing=0.05, reduction="none"),
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_alpha_zero_is_cross_entropy(backend, dtype, spatial, options):
+    device = device_of(backend)
+    options = dict(options)
+    if options.get("weight") == "random":
+        options["weight"] = torch.rand(7, generator=torch.Generator().manual_seed(0)).to(device)
+    ignore_index = options.get("ignore_index", -100)
+    input, target, samples = make_case(3, 7, spatial, 3, dtype=dtype, device=device,
+                                       ignore_index=ignore_index)
+    loss, grad = _run(backend, input, target, samples, alpha=0.0, **options)
+    ce_loss, ce_grad = loss_and_grad(lambda x: F.cross_entropy(x.float(), target, **options),
+                                     input)
+    assert_close(loss, ce_loss, msg="loss vs F.cross_entropy")
+    assert_close(grad, ce_grad, msg="grad vs F.cross_entropy")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["no-weight", "weight"])
+def test_all_ignored_matches_cross_entropy(backend, weighted):
+    device = device_of(backend)
+    input, target, samples = make_case(2, 5, (6, 3), 3, device=device, ignore_frac=1.1)
+    weight = torch.rand(5).to(device) if weighted else None
+    for reduction in ("mean", "sum", "none"):
+        loss, grad = _run(backend, input, target, samples, reduction=reduction, weight=weight)
+        _, ce_grad = loss_and_grad(
+            lambda x, r=reduction: F.cross_entropy(x, target, reduction=r, weight=weight), input)
+        if reduction == "mean":
+            assert torch.isnan(loss), "mean over no pixel is 0/0, as in F.cross_entropy"
+        else:
+            assert torch.count_nonzero(loss) == 0
+        assert torch.equal(grad, torch.zeros_like(grad)), "ignored pixels get exactly 0 grad"
+        assert torch.equal(grad, ce_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_heavy_ignore_sum_of_nothing_but_ignored_rows(backend):
+    input, target, samples = make_case(2, 19, (41, 3), 3, device=device_of(backend),
+                                       ignore_frac=0.95, ignore_index=255)
+    per_pixel = uce_fast.uce_loss(input, target, samples, ignore_index=255, reduction="none",
+                                  backend=backend)
+    assert torch.all(per_pixel[target == 255] == 0)
+    assert torch.all(per_pixel[target != 255] > 0)
+    loss, grad = _run(backend, input, target, samples, ignore_index=255)
+    ref_loss, ref_grad = _reference(input, target, samples, ignore_index=255)
+    assert_close(loss, ref_loss)
+    assert_close(grad, ref_grad)
+    ignored = (target == 255).unsqueeze(1).expand_as(grad)
+    assert torch.count_nonzero(grad[ignored]) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+def test_non_contiguous_inputs(backend, layout):
+    device = device_of(backend)
+    input, target, samples = make_case(2, 6, (10, 13), 3, device=device)
+    if layout == "channels_last":
+        x = input.detach().contiguous(memory_format=torch.channels_last)
+        s = samples.contiguous(memory_format=torch.channels_last_3d)
+        t = target
+    elif layout == "transposed":
+        x = input.detach().transpose(2, 3).contiguous().transpose(2, 3)
+        s = samples.transpose(3, 4).contiguous().transpose(3, 4)
+        t = target.transpose(1, 2).contiguous().transpose(1, 2)
+    else:
+        big, _, big_samples = make_case(2, 9, (20, 13), 3, device=device)
+        big_target = make_case(2, 6, (20, 13), 3, device=device)[1]
+        x = big.detach()[:, 1:7, ::2]
+        s = big_samples[:, :, 1:7, ::2]
+        t = big_target[:, ::2]
+    assert not x.is_contiguous() and not s.is_contiguous()
+    loss, grad = _run(backend, x, t, s, reduction="none")
+    ref_loss, ref_grad = _reference(x.contiguous(), t.contiguous(), s.contiguous(),
+                                    reduction="none")
+    assert_close(loss, ref_loss)
+    assert_close(grad, ref_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sample_dtype", DTYPES, ids=str)
+def test_sample_dtype_independent_of_input(backend, sample_dtype):
+    input, target, samples = make_case(2, 19, (21,), 4, dtype=torch.bfloat16,
+                                       sample_dtype=sample_dtype, device=device_of(backend))
+    loss, grad = _run(backend, input, target, samples)
+    ref_loss, ref_grad = _reference(input, target, samples)
+    assert_close(loss, ref_loss)
+    assert_close(grad, ref_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 10.0, -2.0])
+def test_sigma_argument_equals_samples(backend, alpha):
+    input, target, samples = make_case(2, 19, (8, 7), 5, device=device_of(backend))
+    sigma = uce_fast.predictive_uncertainty(samples, backend=backend)
+    from_sigma, grad_sigma = loss_and_grad(
+        lambda x: uce_fast.uce_loss(x, target, sigma=sigma, alpha=alpha, backend=backend), input)
+    from_samples, grad_samples = _run(backend, input, target, samples, alpha=alpha)
+    assert_close(from_sigma, from_samples)
+    assert_close(grad_sigma, grad_samples)
+    ref_loss, ref_grad = loss_and_grad(
+        lambda x: uce_fast.uce_loss(x, target, sigma=sigma.double(), alpha=alpha,
+                                    backend="torch"), input.double())
+    assert_close(from_sigma, ref_loss.float(), dtype=torch.float32, scale=5)
+    assert_close(grad_sigma, ref_grad.float(), dtype=torch.float32, scale=5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_flows_to_input_only(backend):
+    input, target, samples = make_case(2, 4, (5,), 3, device=device_of(backend))
+    samples.requires_grad_(True)
+    sigma = uce_fast.predictive_uncertainty(samples.detach()).requires_grad_(True)
+    uce_fast.uce_loss(input, target, samples, backend=backend).backward()
+    uce_fast.uce_loss(input, target, sigma=sigma, backend=backend).backward()
+    assert input.grad is not None and samples.grad is None and sigma.grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uncertainty_weight_changes_loss(backend):
+    """Pixels with uncertain samples weigh more: U-CE at alpha=10 exceeds plain CE."""
+    input, target, samples = make_case(2, 19, (12, 12), 6, device=device_of(backend))
+    uce = uce_fast.uce_loss(input, target, samples, alpha=10.0, reduction="none", backend=backend)
+    ce = F.cross_entropy(input.detach().float(), target, reduction="none")
+    sigma = uce_fast.predictive_uncertainty(samples, backend=backend)
+    valid = target != -100
+    assert torch.all(sigma[valid] > 0)
+    assert_close(uce[valid], (ce * (1 + sigma) ** 10)[valid])
+    assert torch.all(uce[valid] > ce[valid])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    input, target, samples = make_case(0, 19, (4, 4), 3, device=device_of(backend))
+    loss = uce_fast.uce_loss(input, target, samples, reduction="none", backend=backend)
+    assert loss.shape == (0, 4, 4)
+    total = uce_fast.uce_loss(input, target, samples, reduction="sum", backend=backend)
+    total.backward()
+    assert total.item() == 0 and input.grad.shape == input.shape
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_benchmark_shape(backend):
+    """The benchmark's shape (β=10, B=2, C=19, 256²) against float64."""
+    input, target, samples = make_case(2, 19, (256, 256), 10, device=device_of(backend),
+                                       ignore_index=255, ignore_frac=0.1)
+    loss, grad = _run(backend, input, target, samples, ignore_index=255)
+    ref_loss, ref_grad = _reference(input, target, samples, dtype=torch.float64,
+                                    ignore_index=255)
+    assert_close(loss, ref_loss.float(), dtype=torch.float32, scale=5)
+    assert_close(grad, ref_grad.float(), dtype=torch.float32, scale=5)
+
+
+# ---------------------------------------------------------------- predictive_uncertainty
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+@pytest.mark.parametrize("correction", [0, 1])
+def test_predictive_uncertainty(backend, dtype, shape, correction):
+    batch, classes, spatial, beta = shape
+    _, _, samples = make_case(batch, classes, spatial, beta, dtype=dtype,
+                              device=device_of(backend), seed=beta)
+    sigma, pred = uce_fast.predictive_uncertainty(samples, correction, backend=backend,
+                                                  return_prediction=True)
+    assert sigma.dtype == torch.float32 and pred.dtype == torch.int64
+    assert sigma.shape == pred.shape == (batch, *spatial)
+    ref_sigma, ref_pred = reference.mc_uncertainty(samples.double(), correction)
+    assert torch.equal(pred.cpu(), ref_pred.cpu())
+    assert_close(sigma, ref_sigma.float(), dtype=torch.float32, scale=5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_predicted_class_is_first_maximum(backend):
+    samples = torch.zeros(3, 2, 7, 5, device=device_of(backend))
+    samples[:, 1, 4] = 2.0
+    samples[:, 1, 2] = 2.0  # tie between classes 2 and 4: the first wins
+    sigma, pred = uce_fast.predictive_uncertainty(samples, backend=backend,
+                                                  return_prediction=True)
+    assert pred[0].tolist() == [0] * 5 and pred[1].tolist() == [2] * 5
+    assert torch.count_nonzero(sigma) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_variance_samples_keep_their_signal(backend):
+    """Samples that agree to 1e-4 logits: a float32 sum of squares loses sigma entirely."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 19, 64, generator=gen)
+    base[:, 3] += 4.0  # a confident class, p ≈ 0.8
+    samples = base + 1e-4 * torch.randn(10, 2, 19, 64, generator=gen)
+    exact, pred = reference.mc_uncertainty(samples.double())
+    sigma = uce_fast.predictive_uncertainty(samples.to(device_of(backend)), backend=backend)
+    assert exact.max() < 1e-4
+    # float32 probabilities near 0.8 carry ~1e-8 absolute error: 2% of sigma ≈ 1e-5.
+    torch.testing.assert_close(sigma.cpu().double(), exact, rtol=2e-2, atol=0.0)
+    # The naive float32 formula misses by ~100%: the test can tell the two apart.
+    probs = torch.softmax(samples, dim=2)
+    mean_sq = ((probs * probs).mean(0) - probs.mean(0) ** 2).clamp_min(0) * 10 / 9
+    naive = mean_sq.sqrt().gather(1, pred.unsqueeze(1)).squeeze(1).double()
+    assert ((naive - exact).abs() / exact).median() > 0.5

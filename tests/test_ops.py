@@ -1,0 +1,99 @@
+"""The compiled ops: torch.library.opcheck, torch.compile(fullgraph=True) and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DTYPES, assert_close, backend_params, device_of, loss_and_grad, make_case
+
+import uce_fast
+from uce_fast import ops
+
+NATIVE = backend_params(["cpu", "cuda"])
+
+
+def _flat(input, target, samples):
+    batch, classes = input.shape[:2]
+    return (input.detach().reshape(batch, classes, -1).requires_grad_(True),
+            target.reshape(batch, -1), samples.reshape(samples.shape[0], batch, classes, -1))
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_samples", [True, False], ids=["samples", "sigma"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["no-weight", "weight"])
+def test_opcheck_uce_forward(backend, dtype, with_samples, weighted):
+    device = device_of(backend)
+    input, target, samples = _flat(*make_case(2, 7, (5, 3), 3, dtype=dtype, device=device))
+    sigma = torch.rand(target.shape, device=device)
+    weight = torch.rand(7, device=device) if weighted else None
+    args = (input, target, samples if with_samples else None, None if with_samples else sigma,
+            weight, 2.0, -100, 0.1, 1)
+    torch.library.opcheck(torch.ops.uce_fast.uce_forward.default, args)
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck_uce_backward_and_mc_uncertainty(backend, dtype):
+    device = device_of(backend)
+    input, target, samples = _flat(*make_case(2, 7, (5, 3), 3, dtype=dtype, device=device))
+    _, lse, pixel_weight = torch.ops.uce_fast.uce_forward(
+        input, target, samples, None, None, 2.0, -100, 0.0, 1)
+    grad = torch.rand(target.shape, device=device)
+    torch.library.opcheck(torch.ops.uce_fast.uce_backward.default,
+                          (grad, input.detach(), target, lse, pixel_weight, None, -100, 0.0))
+    torch.library.opcheck(torch.ops.uce_fast.mc_uncertainty.default, (samples, 1))
+
+
+def test_native_devices_reports_compiled_kernels():
+    devices = ops.native_devices()
+    assert set(devices) <= {"cpu", "cuda"}
+    assert ("cpu" in devices) == ("cpu" in uce_fast.available_backends())
+
+
+@pytest.mark.parametrize("backend", [*backend_params(["torch"]), *NATIVE])
+def test_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    input, target, samples = make_case(2, 19, (6, 5), 3, device=device_of(backend))
+
+    def step(x, t, s):
+        return uce_fast.uce_loss(x, t, s, alpha=4.0, label_smoothing=0.1, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    loss, grad = loss_and_grad(lambda x: compiled(x, target, samples), input)
+    ref_loss, ref_grad = loss_and_grad(lambda x: step(x, target, samples), input)
+    assert_close(loss, ref_loss)
+    assert_close(grad, ref_grad)
+
+
+def test_gradcheck_reference_float64():
+    input, target, samples = make_case(2, 5, (3, 2), 3, dtype=torch.float64)
+    weight = torch.rand(5, dtype=torch.float64) + 0.5
+    for reduction in ("mean", "none"):
+        assert torch.autograd.gradcheck(
+            lambda x, r=reduction: uce_fast.uce_loss(
+                x, target, samples, alpha=3.0, weight=weight, label_smoothing=0.1, reduction=r,
+                backend="torch"),
+            (input,),
+        )
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+def test_native_gradient_matches_float64_finite_differences(backend):
+    """The compiled backward against central differences of the float64 reference."""
+    input, target, samples = make_case(1, 4, (3,), 3, device=device_of(backend))
+    weight = torch.tensor([0.5, 1.0, 2.0, 1.5], device=input.device)
+    options = dict(alpha=3.0, weight=weight, label_smoothing=0.1, reduction="sum")
+    _, grad = loss_and_grad(lambda x: uce_fast.uce_loss(x, target, samples, backend=backend,
+                                                        **options), input)
+    x64 = input.detach().double()
+    numeric = torch.zeros_like(x64)
+    eps = 1e-6
+    for index in range(x64.numel()):
+        for sign in (1, -1):
+            shifted = x64.clone()
+            shifted.view(-1)[index] += sign * eps
+            value = uce_fast.uce_loss(shifted, target, samples.double(), backend="torch",
+                                      **options)
+            numeric.view(-1)[index] += sign * value / (2 * eps)
+    assert_close(grad, numeric.float(), dtype=torch.float32, scale=10)
