@@ -1,0 +1,39 @@
+"""Turn benchmark rows into JSON and Markdown tables (time ratios and memory vs the stack)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}"
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per (shape, implementation) with median time, speed-up over the
+    official-code style and peak extra memory as a share of the stack."""
+    lines = ["| shape | implementation | median fwd+bwd (ms) | speed-up vs official-style "
+             "| peak extra memory (MiB) | extra / stack |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        group = [r for r in rows if r["shape"] == shape]
+        official = next((r["median_s"] for r in group if r["impl"] == "official-style"), None)
+        for r in group:
+            speedup = f"{official / r['median_s']:.1f}×" if official and "median_s" in r else "—"
+            extra = r.get("extra_bytes")
+            mem = f"{extra / 2**20:.1f}" if extra is not None else "—"
+            share = f"{extra / r['stack_bytes']:.1%}" if extra is not None else "—"
+            median = _fmt_ms(r["median_s"]) if "median_s" in r else "—"
+            lines.append(f"| {shape} | {r['impl']} | {median} | {speedup} | {mem} | {share} |")
+    return "\n".join(lines)
+
+
+def write_suite(directory: Path, suite: str, rows: list[dict], machine: str) -> None:
+    merged: dict[tuple, dict] = {}
+    for r in rows:  # time and memory of one (shape, impl) come from separate tests
+        merged.setdefault((r["shape"], r["impl"]), {}).update(r)
+    rows = list(merged.values())
+    (directory / f"{suite}.json").write_text(json.dumps({"machine": machine, "rows": rows},
+                                                        indent=2))
+    (directory / f"{suite}.md").write_text(f"Machine: {machine}\n\n{table(rows)}\n")
