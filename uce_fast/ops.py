@@ -34,8 +34,7 @@ except ImportError as exc:  # the package still works with backend="torch"
     NATIVE_IMPORT_ERROR = exc
 
 
-def native_devices() -> tuple[str, ...]:
-    """Device types ("cpu", "cuda") for which the compiled ops have a kernel in this install."""
+def _compiled_devices() -> tuple[str, ...]:
     if NATIVE_IMPORT_ERROR is not None:
         return ()
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
@@ -43,6 +42,14 @@ def native_devices() -> tuple[str, ...]:
         dev for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
         if has_kernel("uce_fast::uce_forward", key)
     )
+
+
+_NATIVE_DEVICES = _compiled_devices()
+
+
+def native_devices() -> tuple[str, ...]:
+    """Device types ("cpu", "cuda") for which the compiled ops have a kernel in this install."""
+    return _NATIVE_DEVICES
 
 
 def uce_forward(
