@@ -97,3 +97,13 @@ def test_native_gradient_matches_float64_finite_differences(backend):
                                       **options)
             numeric.view(-1)[index] += sign * value / (2 * eps)
     assert_close(grad, numeric.float(), dtype=torch.float32, scale=10)
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+def test_double_backward_fails_loudly(backend):
+    input, target, samples = make_case(2, 5, (4,), 3, device=device_of(backend))
+    loss = uce_fast.uce_loss(input, target, samples, backend=backend)
+    (grad,) = torch.autograd.grad(loss, input, create_graph=True)
+    assert not grad.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        grad.sum().backward()

@@ -1,0 +1,209 @@
+// Device-agnostic scalar math for the U-CE kernels.
+//
+// Everything here is a small inline function on plain floats/ints so the CPU
+// kernels can call it inside `for (t = 0; t < T; ++t)` loops and still get
+// vectorised code, and a CUDA kernel can call it per thread. No torch headers.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define UCE_HD __host__ __device__
+#define UCE_INLINE __forceinline__
+#elif defined(_MSC_VER)
+#define UCE_HD
+#define UCE_INLINE __forceinline
+#else
+#define UCE_HD
+// Forced inlining matters: the CPU kernels are compiled once per instruction
+// set (generic, AVX2+FMA, AVX-512 clones) and these helpers must be expanded
+// inside each clone's loops for the loops to vectorise with that clone's
+// instruction set.
+#define UCE_INLINE inline __attribute__((always_inline))
+#endif
+
+namespace uce {
+
+UCE_HD UCE_INLINE float bits_to_float(uint32_t u) {
+  float f;
+  memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+UCE_HD UCE_INLINE uint32_t float_to_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// exp(x) for float, branch-free so that a loop of calls vectorises.
+//
+// Cephes-style: x = n*ln2 + r with n = round(x / ln2), |r| <= ln2/2, exp(r)
+// from a degree-6 polynomial (the Cephes expf minimax coefficients), and 2^n
+// assembled directly in the exponent field. ln2 is split in two constants so
+// r is exact without needing FMA. Max error is about 1-2 ulp.
+//
+// n is obtained with the 1.5*2^23 "magic number" rounding trick instead of a
+// float->int conversion: the rounded integer sits in the low mantissa bits,
+// so no out-of-range conversion can happen even for NaN input.
+//
+// This variant only clamps the underflow side and is valid for x <= 88,
+// which covers every softmax-style call (x - max <= 0). The input is clamped
+// below at -88, so n >= -127 and the biased exponent n + 127 >= 0; n = -127
+// (x below about -87.68, including -inf) gives a zero exponent field, i.e.
+// exactly 0 without a separate select. With a single clamp the compiler
+// folds it into one compare + and-mask after the polynomial, which keeps
+// the vector loop short. NaN propagates.
+UCE_HD UCE_INLINE float fast_expf_nonpos(float x) {
+  const float kLo = -88.0f;
+  const float kLog2e = 1.44269504088896341f;
+  const float kMagic = 12582912.0f;  // 1.5 * 2^23
+  const float kLn2Hi = 0.693359375f;
+  const float kLn2Lo = -2.12194440e-4f;
+
+  const float xc = x < kLo ? kLo : x;
+
+  const float t = xc * kLog2e + kMagic;
+  const float n = t - kMagic;  // round-to-nearest(x * log2(e))
+  float r = xc - n * kLn2Hi;
+  r = r - n * kLn2Lo;
+
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+
+  // Integer n recovered from the low mantissa bits of t.
+  const int32_t ni = (int32_t)(float_to_bits(t) - float_to_bits(kMagic));
+  const float scale = bits_to_float((uint32_t)(ni + 127) << 23);
+  return p * scale;
+}
+
+// exp(x) for any float x: additionally clamped above at 88 so that 2^n stays
+// finite (n <= 127); the result saturates at e^88 (~1.7e38) instead of
+// overflowing. Same accuracy as fast_expf_nonpos.
+UCE_HD UCE_INLINE float fast_expf(float x) {
+  const float kHi = 88.0f;
+  return fast_expf_nonpos(x > kHi ? kHi : x);
+}
+
+// log(x) for float, branch-free so that a loop of calls vectorises.
+//
+// Cephes-style: x = m * 2^e with m in [sqrt(1/2), sqrt(2)) taken straight
+// from the exponent/mantissa bits, log(1 + f) (f = m - 1) from a degree-9
+// polynomial (the Cephes logf coefficients), e * ln2 added with ln2 split in
+// two constants. Max error about 1 ulp. Subnormals are pre-scaled by 2^23;
+// 0 -> -inf, +inf -> +inf, negative or NaN -> NaN, all by selects.
+UCE_HD UCE_INLINE float fast_logf(float x) {
+  const float kMinNormal = 1.17549435e-38f;
+  const float kInf = bits_to_float(0x7F800000u);
+  const float kNaN = bits_to_float(0x7FC00000u);
+  const bool sub = x < kMinNormal;
+  const float xs = sub ? x * 8388608.0f : x;  // 2^23
+  const uint32_t bits = float_to_bits(xs);
+  // frexp: xs = m * 2^e, m in [0.5, 1).
+  int32_t e = (int32_t)((bits >> 23) & 0xFFu) - 126 - (sub ? 23 : 0);
+  const float m = bits_to_float((bits & 0x007FFFFFu) | 0x3F000000u);
+  const bool lo = m < 0.707106781186547524f;
+  e = lo ? e - 1 : e;
+  const float f = lo ? (m + m) - 1.0f : m - 1.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  const float fe = (float)e;
+  y = y + fe * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  float r = f + y;
+  r = r + fe * 0.693359375f;
+  r = x == kInf ? kInf : r;
+  r = x == 0.0f ? -kInf : r;
+  return x >= 0.0f ? r : kNaN;
+}
+
+// One Welford step for sample count m (m = s + 1), with inv_m = 1 / m.
+// Welford instead of sum/sum-of-squares: when the samples agree and the
+// probabilities are close to 1, E[p^2] - E[p]^2 cancels catastrophically in
+// fp32, while the Welford M2 accumulates the small deviations directly.
+UCE_HD UCE_INLINE void welford_update(float p, float inv_m, float& mean,
+                                      float& m2) {
+  const float d = p - mean;
+  mean = mean + d * inv_m;
+  m2 = m2 + d * (p - mean);
+}
+
+// sigma from Welford's M2 with a divisor of (beta - correction).
+UCE_HD UCE_INLINE float welford_std(float m2, float inv_denom) {
+  // M2 is a sum of d * (p - mean') terms of equal sign, so it is >= 0; the
+  // clamp is only a guard and is written so that NaN still propagates.
+  const float v = m2 * inv_denom;
+  return sqrtf(v < 0.0f ? 0.0f : v);
+}
+
+// Per-pixel weight (1 + sigma)^alpha (a constant w.r.t. the logits).
+UCE_HD UCE_INLINE float pixel_weight(float sigma, float alpha) {
+  return powf(1.0f + sigma, alpha);
+}
+
+// Label-smoothed weighted CE of one pixel, times its pixel weight:
+//   pw * ((1-eps) * cw[t] * (lse - x_t) + (eps/C) * sum_c cw[c] * (lse - x_c))
+// lse_minus_xt = lse - x_t and sum_cw_lse_minus_x = sum_c cw[c]*(lse - x_c)
+// are passed in precomputed (the callers form them from non-negative terms,
+// log(sum) + (max - x), so no cancellation occurs).
+// A term whose factor is exactly 0 (eps == 0 or eps == 1) is dropped by a
+// select, so a -inf logit (infinite lse - x_c) does not turn it into NaN.
+// Ignored pixels are selected to exactly 0.
+UCE_HD UCE_INLINE float pixel_loss(bool ignored, float pw, float cw_t,
+                                   float lse_minus_xt,
+                                   float sum_cw_lse_minus_x,
+                                   float one_minus_eps, float eps_over_c) {
+  const float hard =
+      one_minus_eps == 0.0f ? 0.0f : one_minus_eps * cw_t * lse_minus_xt;
+  const float smooth =
+      eps_over_c == 0.0f ? 0.0f : eps_over_c * sum_cw_lse_minus_x;
+  const float l = pw * (hard + smooth);
+  return ignored ? 0.0f : l;
+}
+
+// Per-pixel coefficients of the gradient
+//   dL/dx_c = g * ((1-eps) cw[t] (p_c - [c==t]) + (eps/C) (S p_c - cw[c]))
+//           = k_hard * (p_c - [c==t]) + k_smooth * (S p_c - cw[c])
+// with g = grad_loss * pw, k_hard = g (1-eps) cw[t], k_smooth = g eps/C.
+// A term whose factor is exactly 0 (eps == 0 or eps == 1) is dropped by a
+// select rather than multiplied, so an infinite g does not turn it into NaN.
+struct GradCoef {
+  float k_hard;
+  float k_smooth;
+};
+
+UCE_HD UCE_INLINE GradCoef grad_coef(float g, float cw_t, float one_minus_eps,
+                                     float eps_over_c) {
+  GradCoef k;
+  k.k_hard = one_minus_eps == 0.0f ? 0.0f : g * one_minus_eps * cw_t;
+  k.k_smooth = eps_over_c == 0.0f ? 0.0f : g * eps_over_c;
+  return k;
+}
+
+// Gradient for class c of one pixel; p = exp(x_c - lse). Ignored pixels are
+// selected to exactly 0 (never multiplied: g may be inf there).
+UCE_HD UCE_INLINE float class_grad(bool ignored, float k_hard, float k_smooth,
+                                   float p, bool is_target, float cw_c,
+                                   float S) {
+  const float v = k_hard * (p - (is_target ? 1.0f : 0.0f)) +
+                  k_smooth * (S * p - cw_c);
+  return ignored ? 0.0f : v;
+}
+
+}  // namespace uce

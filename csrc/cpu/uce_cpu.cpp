@@ -1,0 +1,1108 @@
+// CPU kernels for the uce_fast operators.
+//
+// Layout: input (B, C, N), samples (beta, B, C, N), all contiguous, so the
+// C values of one pixel are N elements apart. Rather than permuting, every
+// kernel works on a tile of T consecutive pixels of one batch row and loops
+// over classes: each class row of a tile is then a contiguous T-element
+// load, and each per-pixel quantity (max, sum, mean, M2, ...) is a T-element
+// float array, so every inner loop is a plain `for (t = 0; t < T; ++t)` over
+// floats that the compiler vectorises.
+//
+// The per-tile routines are written once as always_inline templates and
+// stamped out for three instruction sets, chosen at runtime from the CPU
+// features: the default target, AVX2+FMA, and AVX-512 (512-bit vectors; the
+// Monte-Carlo pass is bound by the FMA ports, and 16-wide vectors roughly
+// halve it on cores with two 512-bit FMA units).
+// UCE_FAST_CPU_ISA=generic|avx2|avx512 caps the choice (for testing the
+// fallbacks).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "common/uce_math.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#define UCE_X86 1
+#define UCE_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#if defined(__clang__)
+#define UCE_TARGET_AVX512                                              \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma"), \
+                 min_vector_width(512)))
+#else
+#define UCE_TARGET_AVX512                                   \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma," \
+                        "prefer-vector-width=512")))
+#endif
+#endif
+
+namespace uce_cpu {
+namespace {
+
+using uce::bits_to_float;
+
+// ---------------------------------------------------------------------------
+// Element loads/stores. Reduced-precision inputs are widened to fp32 on load
+// with pure bit manipulation (branch-free, so it vectorises inside the tile
+// loops); all arithmetic is fp32.
+
+UCE_INLINE float load_f(float v) { return v; }
+
+UCE_INLINE float load_f(c10::BFloat16 v) {
+  return bits_to_float(static_cast<uint32_t>(v.x) << 16);
+}
+
+// IEEE half -> float, the branch-free formulation: normals (and inf/NaN) by
+// rebiasing the exponent with a multiply, subnormals via a magic-number
+// subtraction, a select between the two.
+UCE_INLINE float load_f(c10::Half v) {
+  const uint32_t w = static_cast<uint32_t>(v.x) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const uint32_t exp_offset = 0xE0u << 23;
+  const float exp_scale = bits_to_float(0x7800000u);  // 2^-112
+  const float normalized =
+      bits_to_float((two_w >> 4) + exp_offset) * exp_scale;
+  const uint32_t magic_mask = 126u << 23;
+  const float magic_bias = 0.5f;
+  const float denormalized =
+      bits_to_float((two_w >> 17) | magic_mask) - magic_bias;
+  const uint32_t denormalized_cutoff = 1u << 27;
+  const uint32_t bits = sign | (two_w < denormalized_cutoff
+                                    ? uce::float_to_bits(denormalized)
+                                    : uce::float_to_bits(normalized));
+  return bits_to_float(bits);
+}
+
+template <typename T>
+UCE_INLINE T store_f(float v) {
+  return static_cast<T>(v);  // round-to-nearest-even for half / bfloat16
+}
+
+// ---------------------------------------------------------------------------
+// Tile sizes.
+//
+// Monte-Carlo pass: per tile we keep e (exp values), mean and M2, each
+// C x T fp32, plus the C x T slice of the current sample that pass 2
+// re-reads after pass 1 found the max: ~16 * C * T bytes of working set.
+// Two effects pull T in opposite directions:
+//  * the per-pixel reductions over classes (running max, running sum) are
+//    serial dependency chains, one per vector of the tile; T needs to span
+//    several vectors (>= 64 pixels) for the out-of-order core to overlap
+//    them, and short rows also pay the per-row loop/prefetch overhead;
+//  * the working set should stay in L1 (48 KiB) for small C, and at least
+//    within L2 for large C.
+// Measured on a (beta=10, fp32) stack with 48 KiB L1d / 2 MiB L2: C = 3 is
+// fastest at T = 256, C = 19 and 40 at T = 128, C = 150 at T = 32-64; at
+// C = 1000, T = 32/64 (0.5/1 MiB working set, served from L2) beat T = 8/16
+// by 2x despite missing L1. The L2 budget below stays at 640 KiB so the
+// working set also fits the smaller L2 of other cores.
+// These T values also get compile-time trip counts (no remainder handling
+// inside the class loops); the tail tile of a row uses the runtime-T
+// instantiation.
+int64_t mc_tile_size(int64_t C) {
+  const int64_t ws = 16 * C;  // working-set bytes per pixel of the tile
+  if (ws * 256 <= 48 * 1024) return 256;
+  if (ws * 128 <= 96 * 1024) return 128;
+  if (ws * 64 <= 640 * 1024) return 64;
+  if (ws * 32 <= 640 * 1024) return 32;
+  return 16;
+}
+
+// CE-only pass (sigma given): keeps only T-element per-pixel arrays plus the
+// C x T input slice re-read from L1, so it can use longer rows.
+constexpr int64_t kCeTileBytes = 32 * 1024;
+constexpr int64_t kMaxCeTile = 256;
+// Backward: every element is read and written once, nothing is re-read; T
+// only amortises the per-pixel coefficient set-up.
+constexpr int64_t kBwdTile = 256;
+
+int64_t ce_tile_size(int64_t C) {
+  const int64_t t = (kCeTileBytes / (4 * C)) / 16 * 16;
+  return std::max<int64_t>(16, std::min<int64_t>(t, kMaxCeTile));
+}
+
+// 64-byte aligned fp32 scratch, allocated once per parallel chunk.
+class Scratch {
+ public:
+  explicit Scratch(int64_t n_floats) {
+    const size_t bytes =
+        ((static_cast<size_t>(std::max<int64_t>(n_floats, 1)) * sizeof(float) +
+          63) /
+         64) *
+        64;
+    ptr_ = static_cast<float*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(ptr_ != nullptr, "uce_fast: failed to allocate ",
+                bytes, " bytes of scratch");
+  }
+  ~Scratch() { std::free(ptr_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  // Carves n floats (rounded up to a cache line) off the buffer.
+  float* take(int64_t n) {
+    float* p = ptr_ + used_;
+    used_ += (n + 15) / 16 * 16;
+    return p;
+  }
+  static int64_t size_of(int64_t n) { return (n + 15) / 16 * 16; }
+
+ private:
+  float* ptr_ = nullptr;
+  int64_t used_ = 0;
+};
+
+// Prefetch the cache lines of a row of n elements starting at p.
+template <typename T>
+UCE_INLINE void prefetch_row(const T* p, int n) {
+#if defined(__GNUC__) || defined(__clang__)
+  const char* b = reinterpret_cast<const char*>(p);
+  const int64_t bytes = static_cast<int64_t>(n) * sizeof(T);
+  for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(b + k, 0, 3);
+  __builtin_prefetch(b + bytes - 1, 0, 3);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+
+// Raises the ValueError for the first invalid label of a tile. Out of line:
+// the tile loops only accumulate a flag.
+#if defined(__GNUC__) || defined(__clang__)
+#define UCE_COLD __attribute__((noinline, cold))
+#else
+#define UCE_COLD
+#endif
+[[noreturn]] UCE_COLD void throw_bad_label(const int64_t* tgt, int T,
+                                           int64_t C, int64_t ignore_index) {
+  for (int t = 0; t < T; ++t) {
+    const int64_t l = tgt[t];
+    if (l != ignore_index && (l < 0 || l >= C)) {
+      TORCH_CHECK_VALUE(false, "target contains label ", l, ", outside [0, ",
+                        C, ") and not ignore_index (", ignore_index, ")");
+    }
+  }
+  TORCH_CHECK(false, "uce_fast: internal error in label validation");
+}
+
+// Validates a tile of labels and narrows them to int32, -1 for ignored
+// pixels. Vectorised: only a flag is accumulated, the scan for the offending
+// label happens out of line.
+UCE_INLINE void load_labels(const int64_t* __restrict tgt, int T, int64_t C,
+                            int64_t ignore_index, int32_t* __restrict lab) {
+  int64_t bad = 0;
+  for (int t = 0; t < T; ++t) {
+    const int64_t l = tgt[t];
+    const bool ign = l == ignore_index;
+    bad |= static_cast<int64_t>(!ign & (static_cast<uint64_t>(l) >=
+                                        static_cast<uint64_t>(C)));
+    lab[t] = ign ? -1 : static_cast<int32_t>(l);
+  }
+  if (bad != 0) throw_bad_label(tgt, T, C, ignore_index);
+}
+
+struct CeConsts {
+  const float* cw;  // class weights, nullptr = all ones
+  float S;          // sum of class weights
+  float one_minus_eps;
+  float eps_over_c;
+  int64_t ignore_index;
+};
+
+// ---------------------------------------------------------------------------
+// Monte-Carlo statistics of one tile: Welford mean/M2 of softmax(samples)
+// over beta samples, then k = argmax_c mean (first maximum; NaN counts as
+// the maximum, like torch.argmax) and sigma = sqrt(M2[k] / (beta - corr)).
+
+template <typename ST>
+struct McTile {
+  const ST* x0;      // samples[0, b, 0, n0]
+  const ST* next;    // samples[0, b', 0, n0'] of the next tile, or nullptr
+  int next_T;        // its width
+  int64_t s_stride;  // B * C * N
+  int64_t c_stride;  // N
+  int T;
+  int C;
+  int beta;
+  float inv_denom;  // 1 / (beta - correction)
+  // Scratch: C x T each (row stride T), and T each.
+  float* e;
+  float* mean;
+  float* m2;
+  float* w0;
+  float* w1;
+  int32_t* idx;
+  float* xf;  // C x T, widened fp16/bf16 sample rows (unused for fp32)
+  // Outputs for the T pixels.
+  float* sigma;
+  int64_t* pred;  // nullptr when not wanted
+};
+
+// The tile bodies take their arrays as __restrict parameters (the struct is
+// unpacked by the caller): restrict on function parameters survives inlining
+// as alias information, which the vectoriser needs to avoid run-time alias
+// checks (beyond ~10 it gives up on the loop).
+template <typename ST, int kT>
+UCE_INLINE void mc_tile_impl(
+    const ST* __restrict x0, const ST* next, int next_T, int64_t s_stride,
+    int64_t cs, int T_rt, int C, int beta, float inv_denom,
+    float* __restrict e, float* __restrict mean, float* __restrict m2,
+    float* __restrict mx, float* __restrict inv, int32_t* __restrict idx,
+    float* __restrict xf, float* __restrict sigma,
+    int64_t* __restrict pred) {
+  constexpr bool kWiden = !std::is_same<ST, float>::value;
+  const int T = kT > 0 ? kT : T_rt;
+  for (int s = 0; s < beta; ++s) {
+    const ST* __restrict xs = x0 + s * s_stride;
+    // Rows to prefetch while pass 2 works on L1-resident data: the same
+    // tile of the next sample, or the first sample of the next tile. Each
+    // tile row is only a few cache lines at a large stride, too many
+    // concurrent streams for the hardware prefetchers to follow.
+    const ST* pf = s + 1 < beta ? xs + s_stride : next;
+    const int pf_T = s + 1 < beta ? T : next_T;
+
+    // Pass 1: per-pixel max over classes (the only read from memory).
+    // fp16/bf16 rows are widened once here into xf (C x T fp32) so pass 2
+    // does not pay the conversion a second time; fp32 rows are re-read in
+    // place from L1.
+    for (int t = 0; t < T; ++t) mx[t] = load_f(xs[t]);
+    if constexpr (kWiden) {
+      for (int t = 0; t < T; ++t) xf[t] = mx[t];
+      for (int c = 1; c < C; ++c) {
+        const ST* __restrict row = xs + c * cs;
+        float* __restrict xr = xf + static_cast<int64_t>(c) * T;
+        for (int t = 0; t < T; ++t) {
+          const float v = load_f(row[t]);
+          const float m = mx[t];
+          xr[t] = v;
+          mx[t] = v > m ? v : m;
+        }
+      }
+    } else {
+      for (int c = 1; c < C; ++c) {
+        const ST* __restrict row = xs + c * cs;
+        for (int t = 0; t < T; ++t) {
+          const float v = load_f(row[t]);
+          const float m = mx[t];
+          mx[t] = v > m ? v : m;
+        }
+      }
+    }
+    // Pass 2: e = exp(x - max) and its sum (rows are now in L1).
+    for (int t = 0; t < T; ++t) inv[t] = 0.0f;
+    for (int c = 0; c < C; ++c) {
+      float* __restrict ec = e + static_cast<int64_t>(c) * T;
+      if (pf != nullptr) prefetch_row(pf + c * cs, pf_T);
+      if constexpr (kWiden) {
+        const float* __restrict xr = xf + static_cast<int64_t>(c) * T;
+        for (int t = 0; t < T; ++t) {
+          const float v = uce::fast_expf_nonpos(xr[t] - mx[t]);
+          ec[t] = v;
+          inv[t] += v;
+        }
+      } else {
+        const ST* __restrict row = xs + c * cs;
+        for (int t = 0; t < T; ++t) {
+          const float v = uce::fast_expf_nonpos(load_f(row[t]) - mx[t]);
+          ec[t] = v;
+          inv[t] += v;
+        }
+      }
+    }
+    for (int t = 0; t < T; ++t) inv[t] = 1.0f / inv[t];
+    // Pass 3: Welford update with p = e / sum.
+    if (s == 0) {
+      for (int c = 0; c < C; ++c) {
+        const int64_t o = static_cast<int64_t>(c) * T;
+        for (int t = 0; t < T; ++t) {
+          mean[o + t] = e[o + t] * inv[t];
+          m2[o + t] = 0.0f;
+        }
+      }
+    } else {
+      const float inv_m = 1.0f / static_cast<float>(s + 1);
+      for (int c = 0; c < C; ++c) {
+        const int64_t o = static_cast<int64_t>(c) * T;
+        for (int t = 0; t < T; ++t) {
+          float mu = mean[o + t];
+          float q = m2[o + t];
+          uce::welford_update(e[o + t] * inv[t], inv_m, mu, q);
+          mean[o + t] = mu;
+          m2[o + t] = q;
+        }
+      }
+    }
+  }
+  // Argmax of the mean (strict >, so the first maximum wins); mx / inv are
+  // reused for the best mean and its M2.
+  float* __restrict best = mx;
+  float* __restrict best_m2 = inv;
+  for (int t = 0; t < T; ++t) {
+    best[t] = mean[t];
+    best_m2[t] = m2[t];
+    idx[t] = 0;
+  }
+  for (int c = 1; c < C; ++c) {
+    const int64_t o = static_cast<int64_t>(c) * T;
+    for (int t = 0; t < T; ++t) {
+      // Selects between two loaded values (not `take ? x : a[t]`, which the
+      // compiler turns into a conditional store that SSE2 cannot vectorise).
+      const float v = mean[o + t];
+      const float b = best[t];
+      const float q = m2[o + t];
+      const float bq = best_m2[t];
+      const int32_t bi = idx[t];
+      const bool take = (v > b) | ((v != v) & (b == b));
+      best[t] = take ? v : b;
+      best_m2[t] = take ? q : bq;
+      idx[t] = take ? c : bi;
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    sigma[t] = uce::welford_std(best_m2[t], inv_denom);
+  }
+  if (pred != nullptr) {
+    for (int t = 0; t < T; ++t) pred[t] = idx[t];
+  }
+}
+
+template <typename ST, int kT>
+UCE_INLINE void mc_tile(const McTile<ST>& a) {
+  mc_tile_impl<ST, kT>(a.x0, a.next, a.next_T, a.s_stride, a.c_stride, a.T,
+                       a.C, a.beta, a.inv_denom, a.e, a.mean, a.m2, a.w0,
+                       a.w1, a.idx, a.xf, a.sigma, a.pred);
+}
+
+// ---------------------------------------------------------------------------
+// Weighted, label-smoothed CE of one tile of the main logits, scaled by the
+// per-pixel weight (1 + sigma)^alpha. Writes pixel weight, loss and lse.
+
+template <typename IT>
+struct CeTile {
+  const IT* x0;  // input[b, 0, n0]
+  int64_t c_stride;
+  const int64_t* tgt;
+  int T;
+  int C;
+  const float* sigma;
+  float alpha;
+  CeConsts k;
+  // Scratch, T each.
+  float* mx;
+  float* sum;
+  float* smooth;
+  float* dt;
+  float* cwt;
+  int32_t* lab;
+  // Outputs.
+  float* pw;
+  float* loss;
+  float* lse;
+};
+
+template <typename IT>
+UCE_INLINE void ce_tile_impl(
+    const IT* __restrict x0, int64_t cs, const int64_t* __restrict tgt, int T,
+    int C, const float* __restrict sigma, float alpha,
+    const float* __restrict cw, float S, float ome, float eoc,
+    int64_t ignore_index, float* __restrict mx, float* __restrict sum,
+    float* __restrict smooth, float* __restrict dt, float* __restrict cwt,
+    int32_t* __restrict lab, float* __restrict pw, float* __restrict loss,
+    float* __restrict lse) {
+  load_labels(tgt, T, C, ignore_index, lab);
+  if (alpha == 0.0f) {
+    for (int t = 0; t < T; ++t) pw[t] = 1.0f;
+  } else {
+    for (int t = 0; t < T; ++t) pw[t] = uce::pixel_weight(sigma[t], alpha);
+  }
+
+  for (int t = 0; t < T; ++t) mx[t] = load_f(x0[t]);
+  for (int c = 1; c < C; ++c) {
+    const IT* __restrict row = x0 + c * cs;
+    for (int t = 0; t < T; ++t) {
+      const float v = load_f(row[t]);
+      const float m = mx[t];
+      mx[t] = v > m ? v : m;
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    sum[t] = 0.0f;
+    smooth[t] = 0.0f;
+    dt[t] = 0.0f;
+    cwt[t] = 0.0f;
+  }
+  // sum_c exp(x_c - max) and sum_c cw[c] * (max - x_c) accumulate
+  // non-negative terms; lse - x_t and sum_c cw[c] (lse - x_c) are then
+  // formed as log(sum) + (max - x_t) and S * log(sum) + smooth, without
+  // cancellation. x_t and cw[t] are picked up by a select on the class
+  // index instead of a per-pixel gather.
+  for (int c = 0; c < C; ++c) {
+    const IT* __restrict row = x0 + c * cs;
+    const float w = cw != nullptr ? cw[c] : 1.0f;
+    for (int t = 0; t < T; ++t) {
+      const float d = mx[t] - load_f(row[t]);
+      sum[t] += uce::fast_expf_nonpos(-d);
+      smooth[t] += w * d;
+      const bool hit = lab[t] == c;
+      const float d_old = dt[t];
+      const float w_old = cwt[t];
+      dt[t] = hit ? d : d_old;
+      cwt[t] = hit ? w : w_old;
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    const float ls = uce::fast_logf(sum[t]);
+    lse[t] = mx[t] + ls;
+    loss[t] = uce::pixel_loss(lab[t] < 0, pw[t], cwt[t], ls + dt[t],
+                              S * ls + smooth[t], ome, eoc);
+  }
+}
+
+template <typename IT>
+UCE_INLINE void ce_tile(const CeTile<IT>& a) {
+  ce_tile_impl<IT>(a.x0, a.c_stride, a.tgt, a.T, a.C, a.sigma, a.alpha,
+                   a.k.cw, a.k.S, a.k.one_minus_eps, a.k.eps_over_c,
+                   a.k.ignore_index, a.mx, a.sum, a.smooth, a.dt, a.cwt,
+                   a.lab, a.pw, a.loss, a.lse);
+}
+
+// ---------------------------------------------------------------------------
+// Backward of one tile: grad_input[b, c, n] for the T pixels, all classes.
+
+template <typename IT>
+struct BwdTile {
+  const IT* x0;  // input[b, 0, n0]
+  IT* g0;        // grad_input[b, 0, n0]
+  int64_t c_stride;
+  const int64_t* tgt;
+  const float* grad_loss;
+  const float* lse;
+  const float* pw;
+  int T;
+  int C;
+  CeConsts k;
+  // Scratch, T each.
+  float* kh;
+  float* ks;
+  int32_t* lab;
+};
+
+template <typename IT>
+UCE_INLINE void bwd_tile_impl(
+    const IT* __restrict x0, IT* __restrict g0, int64_t cs,
+    const int64_t* __restrict tgt, const float* __restrict gl,
+    const float* __restrict lse, const float* __restrict pw, int T, int C,
+    const float* __restrict cw, float S, float ome, float eoc,
+    int64_t ignore_index, float* __restrict kh, float* __restrict ks,
+    int32_t* __restrict lab) {
+  load_labels(tgt, T, C, ignore_index, lab);
+  for (int t = 0; t < T; ++t) {
+    const int32_t l = lab[t];
+    const float cw_t = cw != nullptr ? cw[l < 0 ? 0 : l] : 1.0f;
+    const uce::GradCoef k = uce::grad_coef(gl[t] * pw[t], cw_t, ome, eoc);
+    kh[t] = k.k_hard;
+    ks[t] = k.k_smooth;
+  }
+  for (int c = 0; c < C; ++c) {
+    const IT* __restrict row = x0 + c * cs;
+    IT* __restrict out = g0 + c * cs;
+    const float w = cw != nullptr ? cw[c] : 1.0f;
+    for (int t = 0; t < T; ++t) {
+      const float p = uce::fast_expf(load_f(row[t]) - lse[t]);
+      out[t] = store_f<IT>(
+          uce::class_grad(lab[t] < 0, kh[t], ks[t], p, lab[t] == c, w, S));
+    }
+  }
+}
+
+template <typename IT>
+UCE_INLINE void bwd_tile(const BwdTile<IT>& a) {
+  bwd_tile_impl<IT>(a.x0, a.g0, a.c_stride, a.tgt, a.grad_loss, a.lse, a.pw,
+                    a.T, a.C, a.k.cw, a.k.S, a.k.one_minus_eps,
+                    a.k.eps_over_c, a.k.ignore_index, a.kh, a.ks, a.lab);
+}
+
+// ---------------------------------------------------------------------------
+// Instruction-set variants.
+
+enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa detect_isa() {
+  Isa best = Isa::kGeneric;
+#ifdef UCE_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    best = Isa::kAvx2;
+    if (__builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq")) {
+      best = Isa::kAvx512;
+    }
+  }
+#endif
+  if (const char* cap = std::getenv("UCE_FAST_CPU_ISA")) {
+    Isa want = best;
+    if (std::strcmp(cap, "generic") == 0) want = Isa::kGeneric;
+    if (std::strcmp(cap, "avx2") == 0) want = Isa::kAvx2;
+    if (std::strcmp(cap, "avx512") == 0) want = Isa::kAvx512;
+    if (static_cast<int>(want) < static_cast<int>(best)) best = want;
+  }
+  return best;
+}
+
+Isa cpu_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+template <typename ST>
+using McFn = void (*)(const McTile<ST>&);
+template <typename IT>
+using CeFn = void (*)(const CeTile<IT>&);
+template <typename IT>
+using BwdFn = void (*)(const BwdTile<IT>&);
+
+template <typename ST, int kT>
+void mc_generic(const McTile<ST>& a) {
+  mc_tile<ST, kT>(a);
+}
+template <typename IT>
+void ce_generic(const CeTile<IT>& a) {
+  ce_tile<IT>(a);
+}
+template <typename IT>
+void bwd_generic(const BwdTile<IT>& a) {
+  bwd_tile<IT>(a);
+}
+
+#ifdef UCE_X86
+template <typename ST, int kT>
+UCE_TARGET_AVX2 void mc_avx2(const McTile<ST>& a) {
+  mc_tile<ST, kT>(a);
+}
+template <typename IT>
+UCE_TARGET_AVX2 void ce_avx2(const CeTile<IT>& a) {
+  ce_tile<IT>(a);
+}
+template <typename IT>
+UCE_TARGET_AVX2 void bwd_avx2(const BwdTile<IT>& a) {
+  bwd_tile<IT>(a);
+}
+template <typename ST, int kT>
+UCE_TARGET_AVX512 void mc_avx512(const McTile<ST>& a) {
+  mc_tile<ST, kT>(a);
+}
+template <typename IT>
+UCE_TARGET_AVX512 void ce_avx512(const CeTile<IT>& a) {
+  ce_tile<IT>(a);
+}
+template <typename IT>
+UCE_TARGET_AVX512 void bwd_avx512(const BwdTile<IT>& a) {
+  bwd_tile<IT>(a);
+}
+#endif
+
+template <typename ST, int kT>
+McFn<ST> pick_mc_kt(Isa isa) {
+#ifdef UCE_X86
+  if (isa == Isa::kAvx512) return &mc_avx512<ST, kT>;
+  if (isa == Isa::kAvx2) return &mc_avx2<ST, kT>;
+#endif
+  (void)isa;
+  return &mc_generic<ST, kT>;
+}
+
+// T = 0: runtime tile width (tail tiles, or a width without a fixed variant).
+template <typename ST>
+McFn<ST> pick_mc(Isa isa, int64_t T) {
+  switch (T) {
+    case 256:
+      return pick_mc_kt<ST, 256>(isa);
+    case 128:
+      return pick_mc_kt<ST, 128>(isa);
+    case 64:
+      return pick_mc_kt<ST, 64>(isa);
+    case 32:
+      return pick_mc_kt<ST, 32>(isa);
+    case 16:
+      return pick_mc_kt<ST, 16>(isa);
+    default:
+      return pick_mc_kt<ST, 0>(isa);
+  }
+}
+
+template <typename IT>
+CeFn<IT> pick_ce(Isa isa) {
+#ifdef UCE_X86
+  if (isa == Isa::kAvx512) return &ce_avx512<IT>;
+  if (isa == Isa::kAvx2) return &ce_avx2<IT>;
+#endif
+  (void)isa;
+  return &ce_generic<IT>;
+}
+
+template <typename IT>
+BwdFn<IT> pick_bwd(Isa isa) {
+#ifdef UCE_X86
+  if (isa == Isa::kAvx512) return &bwd_avx512<IT>;
+  if (isa == Isa::kAvx2) return &bwd_avx2<IT>;
+#endif
+  (void)isa;
+  return &bwd_generic<IT>;
+}
+
+// ---------------------------------------------------------------------------
+// Drivers: at::parallel_for over (batch row, tile) work items.
+
+// Enough work per chunk (~64K element-passes) to amortise the fork/join.
+int64_t grain_for(int64_t elems_per_item) {
+  return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, elems_per_item));
+}
+
+struct FwdParams {
+  int64_t B = 0, C = 0, N = 0;
+  int64_t T = 0, ntiles = 0;
+  // Monte-Carlo stack (nullptr when sigma is given).
+  const void* samples = nullptr;
+  int64_t beta = 0;
+  float inv_denom = 0.0f;
+  // Given sigma (B, N) (nullptr when samples are given).
+  const float* sigma_in = nullptr;
+  // CE part (nullptr input: mc_uncertainty only).
+  const void* input = nullptr;
+  const int64_t* target = nullptr;
+  CeConsts ce{};
+  float alpha = 0.0f;
+  // Outputs.
+  float* loss = nullptr;
+  float* lse = nullptr;
+  float* pw = nullptr;
+  float* sigma_out = nullptr;   // mc_uncertainty
+  int64_t* pred_out = nullptr;  // mc_uncertainty
+};
+
+template <typename IT, typename ST>
+void run_forward(const FwdParams& p) {
+  const Isa isa = cpu_isa();
+  const McFn<ST> mc_full = pick_mc<ST>(isa, p.T);
+  const McFn<ST> mc_tail = pick_mc<ST>(isa, 0);
+  const CeFn<IT> ce = pick_ce<IT>(isa);
+  const bool has_samples = p.samples != nullptr;
+  const bool has_ce = p.input != nullptr;
+  const int64_t T = p.T, C = p.C, N = p.N;
+  const int64_t work = T * C * (has_samples ? p.beta + 1 : 1);
+
+  at::parallel_for(0, p.B * p.ntiles, grain_for(work), [&](int64_t begin,
+                                                           int64_t end) {
+    constexpr bool kWiden = !std::is_same<ST, float>::value;
+    const int64_t mc_floats =
+        has_samples ? (kWiden ? 4 : 3) * Scratch::size_of(C * T) : 0;
+    Scratch scratch(mc_floats + 10 * Scratch::size_of(T));
+    McTile<ST> m{};
+    CeTile<IT> k{};
+    if (has_samples) {
+      m.s_stride = p.B * C * N;
+      m.c_stride = N;
+      m.C = static_cast<int>(C);
+      m.beta = static_cast<int>(p.beta);
+      m.inv_denom = p.inv_denom;
+      m.e = scratch.take(C * T);
+      m.mean = scratch.take(C * T);
+      m.m2 = scratch.take(C * T);
+      m.w0 = scratch.take(T);
+      m.w1 = scratch.take(T);
+      m.idx = reinterpret_cast<int32_t*>(scratch.take(T));
+      m.xf = kWiden ? scratch.take(C * T) : nullptr;
+    }
+    float* sig = scratch.take(T);
+    if (has_ce) {
+      k.c_stride = N;
+      k.C = static_cast<int>(C);
+      k.alpha = p.alpha;
+      k.k = p.ce;
+      k.mx = scratch.take(T);
+      k.sum = scratch.take(T);
+      k.smooth = scratch.take(T);
+      k.dt = scratch.take(T);
+      k.cwt = scratch.take(T);
+      k.lab = reinterpret_cast<int32_t*>(scratch.take(T));
+    }
+    const ST* samples = static_cast<const ST*>(p.samples);
+    const IT* input = static_cast<const IT*>(p.input);
+
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t b = it / p.ntiles;
+      const int64_t n0 = (it % p.ntiles) * T;
+      const int Tc = static_cast<int>(std::min<int64_t>(T, N - n0));
+      const int64_t pix = b * N + n0;
+      if (has_samples) {
+        m.x0 = samples + b * C * N + n0;
+        m.next = nullptr;
+        if (it + 1 < end) {
+          const int64_t b1 = (it + 1) / p.ntiles;
+          const int64_t n1 = ((it + 1) % p.ntiles) * T;
+          m.next = samples + b1 * C * N + n1;
+          m.next_T = static_cast<int>(std::min<int64_t>(T, N - n1));
+        }
+        m.T = Tc;
+        m.sigma = has_ce ? sig : p.sigma_out + pix;
+        m.pred = has_ce ? nullptr : p.pred_out + pix;
+        (Tc == T ? mc_full : mc_tail)(m);
+      }
+      if (has_ce) {
+        k.x0 = input + b * C * N + n0;
+        k.tgt = p.target + pix;
+        k.T = Tc;
+        k.sigma = has_samples ? sig : p.sigma_in + pix;
+        k.pw = p.pw + pix;
+        k.loss = p.loss + pix;
+        k.lse = p.lse + pix;
+        ce(k);
+      }
+    }
+  });
+}
+
+struct BwdParams {
+  int64_t B = 0, C = 0, N = 0;
+  int64_t T = 0, ntiles = 0;
+  const float* grad_loss = nullptr;
+  const void* input = nullptr;
+  const int64_t* target = nullptr;
+  const float* lse = nullptr;
+  const float* pw = nullptr;
+  CeConsts ce{};
+  void* grad_input = nullptr;
+};
+
+template <typename IT>
+void run_backward(const BwdParams& p) {
+  const BwdFn<IT> fn = pick_bwd<IT>(cpu_isa());
+  const int64_t T = p.T, C = p.C, N = p.N;
+  at::parallel_for(0, p.B * p.ntiles, grain_for(T * C), [&](int64_t begin,
+                                                            int64_t end) {
+    Scratch scratch(3 * Scratch::size_of(T));
+    BwdTile<IT> k{};
+    k.c_stride = N;
+    k.C = static_cast<int>(C);
+    k.k = p.ce;
+    k.kh = scratch.take(T);
+    k.ks = scratch.take(T);
+    k.lab = reinterpret_cast<int32_t*>(scratch.take(T));
+    const IT* input = static_cast<const IT*>(p.input);
+    IT* out = static_cast<IT*>(p.grad_input);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t b = it / p.ntiles;
+      const int64_t n0 = (it % p.ntiles) * T;
+      const int64_t pix = b * N + n0;
+      k.x0 = input + b * C * N + n0;
+      k.g0 = out + b * C * N + n0;
+      k.tgt = p.target + pix;
+      k.grad_loss = p.grad_loss + pix;
+      k.lse = p.lse + pix;
+      k.pw = p.pw + pix;
+      k.T = static_cast<int>(std::min<int64_t>(T, N - n0));
+      fn(k);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Argument checking.
+
+bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "uce_fast (CPU kernels): ", name,
+              " must be a CPU tensor, got device ", t.device());
+}
+
+void check_logits(const at::Tensor& t, const char* name) {
+  check_cpu(t, name);
+  TORCH_CHECK(is_float_type(t.scalar_type()), "uce_fast: ", name,
+              " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "uce_fast: ", name, " must be contiguous");
+}
+
+void check_f32_bn(const at::Tensor& t, const char* name, int64_t B,
+                  int64_t N) {
+  check_cpu(t, name);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "uce_fast: ", name,
+              " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) == N, "uce_fast: ",
+              name, " must have shape (", B, ", ", N, "), got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "uce_fast: ", name, " must be contiguous");
+}
+
+void check_target(const at::Tensor& target, int64_t B, int64_t N) {
+  check_cpu(target, "target");
+  TORCH_CHECK(target.scalar_type() == at::kLong,
+              "uce_fast: target must be int64, got ", target.scalar_type());
+  TORCH_CHECK(target.dim() == 2 && target.size(0) == B &&
+                  target.size(1) == N,
+              "uce_fast: target must have shape (", B, ", ", N, "), got ",
+              target.sizes());
+  TORCH_CHECK(target.is_contiguous(), "uce_fast: target must be contiguous");
+}
+
+void check_input(const at::Tensor& input) {
+  check_logits(input, "input");
+  TORCH_CHECK(input.dim() == 3,
+              "uce_fast: input must have shape (B, C, N), got ",
+              input.sizes());
+  TORCH_CHECK(input.size(1) >= 1,
+              "uce_fast: input must have at least one class");
+  TORCH_CHECK(input.size(1) <= INT32_MAX,
+              "uce_fast: input has too many classes");
+}
+
+// Returns (class weights or nullptr, their sum).
+std::pair<const float*, float> check_weight(
+    const std::optional<at::Tensor>& weight, int64_t C) {
+  if (!weight.has_value() || !weight->defined()) {
+    return {nullptr, static_cast<float>(C)};
+  }
+  const at::Tensor& w = *weight;
+  check_cpu(w, "weight");
+  TORCH_CHECK(w.scalar_type() == at::kFloat,
+              "uce_fast: weight must be float32, got ", w.scalar_type());
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == C,
+              "uce_fast: weight must have shape (", C, ",), got ", w.sizes());
+  TORCH_CHECK(w.is_contiguous(), "uce_fast: weight must be contiguous");
+  const float* p = w.data_ptr<float>();
+  double S = 0.0;
+  for (int64_t c = 0; c < C; ++c) S += p[c];
+  return {p, static_cast<float>(S)};
+}
+
+// Validates the Monte-Carlo stack and returns beta.
+int64_t check_samples(const at::Tensor& samples, int64_t correction) {
+  check_logits(samples, "samples");
+  TORCH_CHECK(samples.dim() == 4,
+              "uce_fast: samples must have shape (beta, B, C, N), got ",
+              samples.sizes());
+  TORCH_CHECK(samples.size(2) >= 1,
+              "uce_fast: samples must have at least one class");
+  TORCH_CHECK(samples.size(2) <= INT32_MAX,
+              "uce_fast: samples has too many classes");
+  const int64_t beta = samples.size(0);
+  TORCH_CHECK_VALUE(beta >= 2,
+                    "uce_fast: need at least 2 Monte-Carlo samples, got "
+                    "beta = ",
+                    beta);
+  TORCH_CHECK(beta <= INT32_MAX, "uce_fast: too many Monte-Carlo samples");
+  TORCH_CHECK_VALUE(correction >= 0 && correction < beta,
+                    "uce_fast: correction must be in [0, beta) = [0, ", beta,
+                    "), got ", correction);
+  return beta;
+}
+
+CeConsts make_ce(const std::pair<const float*, float>& w, int64_t C,
+                 double label_smoothing, int64_t ignore_index) {
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+                    "uce_fast: label_smoothing must be in [0, 1], got ",
+                    label_smoothing);
+  CeConsts k{};
+  k.cw = w.first;
+  k.S = w.second;
+  k.one_minus_eps = static_cast<float>(1.0 - label_smoothing);
+  k.eps_over_c = static_cast<float>(label_smoothing / static_cast<double>(C));
+  k.ignore_index = ignore_index;
+  return k;
+}
+
+// Calls f with a value of the C++ element type of t (float, c10::Half or
+// c10::BFloat16).
+template <typename F>
+void dispatch_float(at::ScalarType t, const char* name, F&& f) {
+  switch (t) {
+    case at::kFloat:
+      f(float{});
+      return;
+    case at::kHalf:
+      f(c10::Half{});
+      return;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
+      return;
+    default:
+      TORCH_CHECK(false, "uce_fast: unsupported dtype for ", name, ": ", t);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Operators.
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> uce_forward_cpu(
+    const at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& samples,
+    const std::optional<at::Tensor>& sigma,
+    const std::optional<at::Tensor>& weight, double alpha,
+    int64_t ignore_index, double label_smoothing, int64_t correction) {
+  check_input(input);
+  const int64_t B = input.size(0);
+  const int64_t C = input.size(1);
+  const int64_t N = input.size(2);
+  check_target(target, B, N);
+  const bool has_samples = samples.has_value() && samples->defined();
+  const bool has_sigma = sigma.has_value() && sigma->defined();
+  TORCH_CHECK(has_samples != has_sigma,
+              "uce_fast: exactly one of samples and sigma must be given");
+  const CeConsts ce =
+      make_ce(check_weight(weight, C), C, label_smoothing, ignore_index);
+
+  FwdParams p;
+  p.B = B;
+  p.C = C;
+  p.N = N;
+  p.input = input.data_ptr();
+  p.target = target.data_ptr<int64_t>();
+  p.ce = ce;
+  p.alpha = static_cast<float>(alpha);
+  at::ScalarType st = at::kFloat;
+  if (has_samples) {
+    const at::Tensor& s = *samples;
+    p.beta = check_samples(s, correction);
+    TORCH_CHECK(s.size(1) == B && s.size(2) == C && s.size(3) == N,
+                "uce_fast: samples must have shape (beta, ", B, ", ", C, ", ",
+                N, ") to match input, got ", s.sizes());
+    p.samples = s.data_ptr();
+    p.inv_denom =
+        static_cast<float>(1.0 / static_cast<double>(p.beta - correction));
+    p.T = mc_tile_size(C);
+    st = s.scalar_type();
+  } else {
+    check_f32_bn(*sigma, "sigma", B, N);
+    p.sigma_in = sigma->data_ptr<float>();
+    p.T = ce_tile_size(C);
+  }
+
+  const auto opts = input.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({B, N}, opts);
+  at::Tensor lse = at::empty({B, N}, opts);
+  at::Tensor pw = at::empty({B, N}, opts);
+  if (B * N == 0) return {loss, lse, pw};
+  p.loss = loss.data_ptr<float>();
+  p.lse = lse.data_ptr<float>();
+  p.pw = pw.data_ptr<float>();
+  p.ntiles = (N + p.T - 1) / p.T;
+
+  dispatch_float(input.scalar_type(), "input", [&](auto iv) {
+    using IT = decltype(iv);
+    dispatch_float(st, "samples", [&](auto sv) {
+      using ST = decltype(sv);
+      run_forward<IT, ST>(p);
+    });
+  });
+  return {loss, lse, pw};
+}
+
+std::tuple<at::Tensor, at::Tensor> mc_uncertainty_cpu(
+    const at::Tensor& samples, int64_t correction) {
+  const int64_t beta = check_samples(samples, correction);
+  const int64_t B = samples.size(1);
+  const int64_t C = samples.size(2);
+  const int64_t N = samples.size(3);
+  const auto opts = samples.options();
+  at::Tensor sigma = at::empty({B, N}, opts.dtype(at::kFloat));
+  at::Tensor pred = at::empty({B, N}, opts.dtype(at::kLong));
+  if (B * N == 0) return {sigma, pred};
+
+  FwdParams p;
+  p.B = B;
+  p.C = C;
+  p.N = N;
+  p.samples = samples.data_ptr();
+  p.beta = beta;
+  p.inv_denom =
+      static_cast<float>(1.0 / static_cast<double>(beta - correction));
+  p.T = mc_tile_size(C);
+  p.ntiles = (N + p.T - 1) / p.T;
+  p.sigma_out = sigma.data_ptr<float>();
+  p.pred_out = pred.data_ptr<int64_t>();
+  dispatch_float(samples.scalar_type(), "samples", [&](auto sv) {
+    using ST = decltype(sv);
+    run_forward<float, ST>(p);
+  });
+  return {sigma, pred};
+}
+
+at::Tensor uce_backward_cpu(const at::Tensor& grad_loss_in,
+                            const at::Tensor& input, const at::Tensor& target,
+                            const at::Tensor& lse,
+                            const at::Tensor& pixel_weight,
+                            const std::optional<at::Tensor>& weight,
+                            int64_t ignore_index, double label_smoothing) {
+  check_input(input);
+  const int64_t B = input.size(0);
+  const int64_t C = input.size(1);
+  const int64_t N = input.size(2);
+  check_cpu(grad_loss_in, "grad_loss");
+  // May arrive expanded (zero strides) from a mean/sum reduction.
+  const at::Tensor grad_loss = grad_loss_in.contiguous();
+  check_f32_bn(grad_loss, "grad_loss", B, N);
+  check_target(target, B, N);
+  check_f32_bn(lse, "lse", B, N);
+  check_f32_bn(pixel_weight, "pixel_weight", B, N);
+  const CeConsts ce =
+      make_ce(check_weight(weight, C), C, label_smoothing, ignore_index);
+
+  at::Tensor grad_input = at::empty({B, C, N}, input.options());
+  if (B * N == 0) return grad_input;
+
+  BwdParams p;
+  p.B = B;
+  p.C = C;
+  p.N = N;
+  p.T = kBwdTile;
+  p.ntiles = (N + p.T - 1) / p.T;
+  p.grad_loss = grad_loss.data_ptr<float>();
+  p.input = input.data_ptr();
+  p.target = target.data_ptr<int64_t>();
+  p.lse = lse.data_ptr<float>();
+  p.pw = pixel_weight.data_ptr<float>();
+  p.ce = ce;
+  p.grad_input = grad_input.data_ptr();
+
+  dispatch_float(input.scalar_type(), "input", [&](auto iv) {
+    using IT = decltype(iv);
+    run_backward<IT>(p);
+  });
+  return grad_input;
+}
+
+}  // namespace
+
+// Name of the instruction set the CPU kernels run with ("generic", "avx2",
+// "avx512"), for `uce_fast._C.cpu_isa()`.
+const char* isa_name() {
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "generic";
+  }
+}
+
+}  // namespace uce_cpu
+
+TORCH_LIBRARY_IMPL(uce_fast, CPU, m) {
+  m.impl("uce_forward", &uce_cpu::uce_forward_cpu);
+  m.impl("uce_backward", &uce_cpu::uce_backward_cpu);
+  m.impl("mc_uncertainty", &uce_cpu::mc_uncertainty_cpu);
+}
