@@ -32,6 +32,12 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     text = (f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads")
+    try:
+        from uce_fast import _C
+
+        text += f", CPU kernels: {_C.cpu_isa()}"
+    except ImportError:
+        pass
     if torch.cuda.is_available():
         text += f", {torch.cuda.get_device_name()}"
     return text

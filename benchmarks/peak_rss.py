@@ -7,7 +7,6 @@ Prints JSON: inputs_bytes, stack_bytes and extra_bytes (peak RSS growth during t
 from __future__ import annotations
 
 import json
-import resource
 import sys
 
 import torch
@@ -15,8 +14,24 @@ from baselines import make_inputs
 from implementations import IMPLEMENTATIONS
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak() -> None:
+    """Make the peak RSS start from the current RSS (Linux: writing 5 to clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    # VmHWM belongs to this process's memory map; getrusage's ru_maxrss would also carry the
+    # parent's peak across fork+exec, hiding any growth below it.
+    return _status_kib("VmHWM") * 1024
 
 
 def main(argv: list[str]) -> None:
@@ -25,6 +40,7 @@ def main(argv: list[str]) -> None:
     # Warm up on a tiny problem so code pages and thread pools are not counted as loss memory.
     fn(*make_inputs(2, 1, classes, (8, 8))).backward()
     logits, target, stack = make_inputs(beta, batch, classes, (height, width))
+    _reset_peak()
     before = _peak_rss_bytes()
     fn(logits, target, stack).backward()
     extra = _peak_rss_bytes() - before
