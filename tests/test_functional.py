@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import DTYPES, assert_close, backend_params, device_of, loss_and_grad, make_case
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import uce_fast
 from uce_fast import reference
@@ -297,3 +299,37 @@ def test_low_variance_samples_keep_their_signal(backend):
     mean_sq = ((probs * probs).mean(0) - probs.mean(0) ** 2).clamp_min(0) * 10 / 9
     naive = mean_sq.sqrt().gather(1, pred.unsqueeze(1)).squeeze(1).double()
     assert ((naive - exact).abs() / exact).median() > 0.5
+
+
+# ---------------------------------------------------------------- property-based parity
+
+_native = [b for b in uce_fast.available_backends() if b != "torch"]
+
+
+@pytest.mark.skipif(not _native, reason="no compiled backend is available here")
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    batch=st.integers(1, 3), classes=st.integers(2, 40), beta=st.integers(2, 6),
+    spatial=st.lists(st.integers(1, 9), min_size=0, max_size=3).map(tuple),
+    dtype=st.sampled_from(DTYPES), ignore_frac=st.sampled_from([0.0, 0.3, 1.0]),
+    weighted=st.booleans(), label_smoothing=st.sampled_from([0.0, 0.1, 1.0]),
+    alpha=st.sampled_from([0.0, 1.0, 10.0]), correction=st.sampled_from([0, 1]),
+    reduction=st.sampled_from(["mean", "sum", "none"]), avg_non_ignore=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_problems_match_reference(batch, classes, beta, spatial, dtype, ignore_frac,
+                                         weighted, label_smoothing, alpha, correction,
+                                         reduction, avg_non_ignore, seed):
+    for backend in _native:
+        input, target, samples = make_case(batch, classes, spatial, beta, dtype=dtype,
+                                           ignore_frac=ignore_frac, device=device_of(backend),
+                                           seed=seed)
+        weight = (torch.rand(classes, generator=torch.Generator().manual_seed(seed)) + 0.1
+                  if weighted else None)
+        options = dict(weight=None if weight is None else weight.to(input.device),
+                       label_smoothing=label_smoothing, alpha=alpha, correction=correction,
+                       reduction=reduction, avg_non_ignore=avg_non_ignore)
+        loss, grad = _run(backend, input, target, samples, **options)
+        ref_loss, ref_grad = _reference(input, target, samples, **options)
+        assert_close(loss, ref_loss, msg=f"{backend} loss")
+        assert_close(grad, ref_grad, msg=f"{backend} grad")
