@@ -1,0 +1,875 @@
+// CUDA kernels for the uce_fast operators (no torch headers).
+//
+// Layout: input (B, C, N), samples (beta, B, C, N), contiguous, so the C
+// values of one pixel are N elements apart while consecutive pixels of a
+// class row are adjacent. Threads therefore own pixels and loop over classes:
+// a warp reads 32 (or 32 * V) consecutive pixels of one class row per load,
+// fully coalesced, without permuting the tensors.
+//
+// Pixels are flattened over (b, n) (q = b * N + n), so small N with a large
+// batch (N = 1 when there are no spatial dims) still fills the grid. A block
+// covers a tile of P = threads * V pixels; each thread owns V of them:
+//  * vector mode (N % V == 0 and every streamed pointer aligned to the access
+//    width): the thread's V pixels are adjacent, so a class row of them is
+//    one 16-byte load (4 fp32 or 8 fp16/bf16; 8 or 4 bytes when V is smaller)
+//    and never crosses a batch row, since N % V == 0;
+//  * scalar mode (anything else, e.g. odd N or a storage offset of one
+//    element): pixel v of a thread is tile * P + v * threads + tid, so each
+//    load instruction of a warp is still 32 adjacent elements.
+// All element offsets are int64 (stacks beyond 2^31 elements are routine).
+//
+// Every kernel computes in fp32 and reuses the shared per-pixel math of
+// common/uce_math.h (Welford step, std, pixel weight, label-smoothed loss and
+// gradient), so the CPU and CUDA backends implement one formula.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "common/uce_math.h"
+#include "cuda/uce_launchers.h"
+
+namespace uce_cuda {
+namespace detail {
+
+// ---------------------------------------------------------------------------
+// Launch geometry.
+
+// Register-tile Monte-Carlo kernel: 128 threads. Its per-thread state is
+// 3 * CM * V fp32 registers (Welford mean and M2 per class and pixel, plus
+// the current sample's row): 96 for every bucket up to CM = 32, about 130
+// registers per thread in all, so four 128-thread blocks stay resident per
+// SM; each thread keeps C independent loads in flight per sample, which is
+// what hides the HBM latency here.
+constexpr int kRegThreads = 128;
+// CE-only forward and backward: little per-pixel state, 256 threads each
+// owning 16 bytes of pixels per class row.
+constexpr int kCeThreads = 256;
+constexpr int kBwdThreads = 256;
+
+constexpr int64_t kMaxGrid = 0x7fffffff;  // gridDim.x limit; grid-stride beyond
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t grid_for(int64_t tiles) {
+  return tiles < kMaxGrid ? tiles : kMaxGrid;
+}
+
+// ---------------------------------------------------------------------------
+// Element types. fp16/bf16 are handled as raw 16-bit words (so vector loads
+// move plain integers) and widened with the conversion intrinsics.
+
+template <DType D>
+struct Elem;
+
+template <>
+struct Elem<DType::kFloat32> {
+  using T = float;
+  static __device__ __forceinline__ float load(T v) { return v; }
+  static __device__ __forceinline__ T store(float f) { return f; }
+};
+
+template <>
+struct Elem<DType::kFloat16> {
+  using T = unsigned short;
+  static __device__ __forceinline__ float load(T v) {
+    return __half2float(__ushort_as_half(v));
+  }
+  // Round to nearest even, as c10::Half.
+  static __device__ __forceinline__ T store(float f) {
+    return __half_as_ushort(__float2half_rn(f));
+  }
+};
+
+template <>
+struct Elem<DType::kBFloat16> {
+  using T = unsigned short;
+  static __device__ __forceinline__ float load(T v) {
+    return __uint_as_float(static_cast<unsigned int>(v) << 16);
+  }
+  // Round to nearest even, as c10::BFloat16.
+  static __device__ __forceinline__ T store(float f) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+  }
+};
+
+template <DType D>
+using ElemT = typename Elem<D>::T;
+
+// Pixels per thread that make one class row of them a 16-byte access.
+template <DType D>
+constexpr int kVec16 = static_cast<int>(16 / sizeof(ElemT<D>));
+
+// Register type of one vector access of kBytes.
+template <int kBytes>
+struct Chunk;
+template <>
+struct Chunk<2> {
+  using T = unsigned short;
+};
+template <>
+struct Chunk<4> {
+  using T = unsigned int;
+};
+template <>
+struct Chunk<8> {
+  using T = uint2;
+};
+template <>
+struct Chunk<16> {
+  using T = uint4;
+};
+
+// Bytes per vector access for V pixels of D (16 at most; V * sizeof > 16
+// takes several accesses).
+template <DType D, int V>
+constexpr int kChunkBytes = V * static_cast<int>(sizeof(ElemT<D>)) < 16
+                                ? V * static_cast<int>(sizeof(ElemT<D>))
+                                : 16;
+
+// Whether a (.., N) tensor of D at p can be read in vector mode with V pixels
+// per thread: every row start is then a multiple of V elements from p.
+template <DType D, int V>
+inline bool can_vectorise(const void* p, int64_t N) {
+  return V > 1 && N % V == 0 &&
+         reinterpret_cast<uintptr_t>(p) % kChunkBytes<D, V> == 0;
+}
+
+// ---------------------------------------------------------------------------
+// Pixel tiles.
+
+template <int V>
+struct Pixels {
+  int64_t q[V];     // flat pixel index b * N + n
+  int64_t base[V];  // b * C * N + n: offset of class 0 in a (B, C, N) tensor
+  bool valid[V];    // q < B * N (masked lanes of the tail tile)
+};
+
+template <int V, bool kVec>
+__device__ __forceinline__ void tile_pixels(Pixels<V>& px, int64_t tile,
+                                            int64_t total, int64_t N,
+                                            int64_t CN) {
+  const int64_t threads = blockDim.x;
+  const int64_t tid = threadIdx.x;
+  if constexpr (kVec) {
+    // N % V == 0, so B * N % V == 0 and the V pixels are all valid or all
+    // masked, and all in one batch row.
+    const int64_t q0 = (tile * threads + tid) * V;
+    const int64_t b = q0 / N;
+    const int64_t base0 = b * CN + (q0 - b * N);
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      px.q[v] = q0 + v;
+      px.base[v] = base0 + v;
+      px.valid[v] = q0 < total;
+    }
+  } else {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const int64_t q = tile * threads * V + v * threads + tid;
+      const int64_t b = q / N;
+      px.q[v] = q;
+      px.base[v] = b * CN + (q - b * N);
+      px.valid[v] = q < total;
+    }
+  }
+}
+
+// Loads one class row (element offset `off` from each pixel's base) of the
+// thread's V pixels, widened to fp32; masked pixels read nothing and get 0.
+template <DType D, int V, bool kVec>
+__device__ __forceinline__ void load_row(const ElemT<D>* __restrict__ p,
+                                         const Pixels<V>& px, int64_t off,
+                                         float (&out)[V]) {
+  using T = ElemT<D>;
+  if constexpr (kVec) {
+    constexpr int kBytes = kChunkBytes<D, V>;
+    constexpr int kPer = kBytes / static_cast<int>(sizeof(T));
+    using CT = typename Chunk<kBytes>::T;
+    if (px.valid[0]) {
+      const CT* src = reinterpret_cast<const CT*>(p + px.base[0] + off);
+#pragma unroll
+      for (int i = 0; i < V / kPer; ++i) {
+        const CT raw = __ldg(src + i);
+        T e[kPer];
+        memcpy(e, &raw, kBytes);
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) out[i * kPer + j] = Elem<D>::load(e[j]);
+      }
+    } else {
+#pragma unroll
+      for (int v = 0; v < V; ++v) out[v] = 0.0f;
+    }
+  } else {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      out[v] = 0.0f;
+      if (px.valid[v]) out[v] = Elem<D>::load(__ldg(p + px.base[v] + off));
+    }
+  }
+}
+
+// Stores one class row of the thread's V pixels (masked pixels untouched).
+template <DType D, int V, bool kVec>
+__device__ __forceinline__ void store_row(ElemT<D>* __restrict__ p,
+                                          const Pixels<V>& px, int64_t off,
+                                          const float (&val)[V]) {
+  using T = ElemT<D>;
+  if constexpr (kVec) {
+    constexpr int kBytes = kChunkBytes<D, V>;
+    constexpr int kPer = kBytes / static_cast<int>(sizeof(T));
+    using CT = typename Chunk<kBytes>::T;
+    if (px.valid[0]) {
+      CT* dst = reinterpret_cast<CT*>(p + px.base[0] + off);
+#pragma unroll
+      for (int i = 0; i < V / kPer; ++i) {
+        T e[kPer];
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) e[j] = Elem<D>::store(val[i * kPer + j]);
+        CT raw;
+        memcpy(&raw, e, kBytes);
+        dst[i] = raw;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      if (px.valid[v]) p[px.base[v] + off] = Elem<D>::store(val[v]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Scalar helpers.
+
+constexpr float kLog2e = 1.44269504088896341f;
+
+// exp(x) = 2^(x log2 e): one multiply and the hardware ex2 (exp2f without
+// --use_fast_math is the non-flushing ex2.approx.f32, within 2 ulp). The
+// product's rounding adds |x| * 2^-24 relative error, which only matters
+// where the result is far below the dominant terms (softmax arguments are
+// x - max <= 0, backward's are x - lse <= 0); exp(-inf) = 0, NaN stays NaN.
+__device__ __forceinline__ float exp_f(float x) { return exp2f(x * kLog2e); }
+
+// Sum of the class weights, in double as the CPU backend computes it. Every
+// thread of the block must call it (it synchronises); warp 0 reduces.
+__device__ __forceinline__ float class_weight_sum(const float* __restrict__ cw,
+                                                  int64_t C, float* slot) {
+  if (threadIdx.x < 32) {
+    double acc = 0.0;
+    for (int64_t c = threadIdx.x; c < C; c += 32) {
+      acc += static_cast<double>(__ldg(cw + c));
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      acc += __shfl_down_sync(0xffffffffu, acc, o);
+    }
+    if (threadIdx.x == 0) *slot = static_cast<float>(acc);
+  }
+  __syncthreads();
+  return *slot;
+}
+
+// Label of pixel q as int32, -1 for ignored and masked pixels. A label
+// outside [0, C) that is not ignore_index is recorded (lowest pixel index
+// wins, so the error names the first one in memory order, like the other
+// backends) and treated as ignored, so nothing is gathered with it; the op
+// raises after the launch.
+__device__ __forceinline__ int32_t load_label(const int64_t* __restrict__ tgt,
+                                              int64_t q, bool valid, int64_t C,
+                                              int64_t ignore_index,
+                                              long long* bad_pixel) {
+  if (!valid) return -1;
+  const int64_t l =
+      static_cast<int64_t>(__ldg(reinterpret_cast<const long long*>(tgt) + q));
+  if (l == ignore_index) return -1;
+  if (static_cast<uint64_t>(l) >= static_cast<uint64_t>(C)) {
+    if (bad_pixel != nullptr) atomicMin(bad_pixel, static_cast<long long>(q));
+    return -1;
+  }
+  return static_cast<int32_t>(l);
+}
+
+// Welford state of the per-pixel running argmax over class means: strict >,
+// so the first maximum wins; NaN counts as the maximum (first NaN wins), like
+// torch.argmax and the CPU kernels.
+__device__ __forceinline__ bool argmax_takes(float v, float best) {
+  return (v > best) || (v != v && best == best);
+}
+
+// ---------------------------------------------------------------------------
+// Weighted, label-smoothed CE of the thread's V pixels, scaled by
+// (1 + sigma)^alpha; writes loss, lse and pixel weight. Two passes over the
+// class rows exactly as the CPU kernel: max, then sum_c exp(x_c - max) and
+// sum_c cw[c] (max - x_c) from non-negative terms, with x_t and cw[t] picked
+// by a select on the class index (no gather with the label). The second pass
+// re-reads the rows the first one just read: from L1/L2 for small C (logits
+// are 1 / (beta + 1) of the fused kernel's traffic anyway); at large C on
+// the sigma-only path it costs a second read of the logits.
+
+template <DType IT, int V, bool kVec>
+__device__ __forceinline__ void ce_pixels(const ForwardArgs& a,
+                                          const Pixels<V>& px, float S,
+                                          const float (&sigma)[V]) {
+  const ElemT<IT>* __restrict__ x = static_cast<const ElemT<IT>*>(a.input);
+  const float* __restrict__ cw = a.weight;
+  const int64_t N = a.N;
+  const int C = static_cast<int>(a.C);
+
+  int32_t lab[V];
+  float pw[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    lab[v] = load_label(a.target, px.q[v], px.valid[v], a.C, a.ignore_index,
+                        a.bad_pixel);
+    pw[v] = a.alpha == 0.0f ? 1.0f : uce::pixel_weight(sigma[v], a.alpha);
+  }
+
+  float mx[V];
+  load_row<IT, V, kVec>(x, px, 0, mx);
+#pragma unroll 4
+  for (int c = 1; c < C; ++c) {
+    float r[V];
+    load_row<IT, V, kVec>(x, px, static_cast<int64_t>(c) * N, r);
+#pragma unroll
+    for (int v = 0; v < V; ++v) mx[v] = r[v] > mx[v] ? r[v] : mx[v];
+  }
+
+  float sum[V], smooth[V], dt[V], cwt[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    sum[v] = 0.0f;
+    smooth[v] = 0.0f;
+    dt[v] = 0.0f;
+    cwt[v] = 0.0f;
+  }
+#pragma unroll 4
+  for (int c = 0; c < C; ++c) {
+    float r[V];
+    load_row<IT, V, kVec>(x, px, static_cast<int64_t>(c) * N, r);
+    const float w = cw != nullptr ? __ldg(cw + c) : 1.0f;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      // d >= 0 (inf for a -inf logit; NaN when every logit is -inf, as in
+      // the reference).
+      const float d = mx[v] - r[v];
+      sum[v] += exp_f(-d);
+      smooth[v] += w * d;
+      const bool hit = lab[v] == c;
+      dt[v] = hit ? d : dt[v];
+      cwt[v] = hit ? w : cwt[v];
+    }
+  }
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    if (!px.valid[v]) continue;
+    const float ls = logf(sum[v]);
+    const int64_t q = px.q[v];
+    a.lse[q] = mx[v] + ls;
+    a.loss[q] = uce::pixel_loss(lab[v] < 0, pw[v], cwt[v], ls + dt[v],
+                                S * ls + smooth[v], a.one_minus_eps,
+                                a.eps_over_c);
+    a.pixel_weight[q] = pw[v];
+  }
+}
+
+// Finishes a pixel's Monte-Carlo statistics: the fused forward goes on to
+// the CE, mc_uncertainty writes (sigma, pred).
+template <DType IT, int V, bool kVec, bool kCe>
+__device__ __forceinline__ void mc_finish(const ForwardArgs& a,
+                                          const Pixels<V>& px, float S,
+                                          const float (&best_m2)[V],
+                                          const int32_t (&idx)[V]) {
+  float sigma[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    sigma[v] = uce::welford_std(best_m2[v], a.inv_denom);
+  }
+  if constexpr (kCe) {
+    ce_pixels<IT, V, kVec>(a, px, S, sigma);
+  } else {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      if (!px.valid[v]) continue;
+      a.sigma_out[px.q[v]] = sigma[v];
+      a.pred_out[px.q[v]] = idx[v];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Monte-Carlo pass, register tiles (C <= CM <= 64).
+//
+// Reads the stack exactly once. Per sample, the thread loads all C class
+// values of its V pixels into registers (C independent loads in flight), takes
+// the max, replaces them by exp(x - max) and their sum, and folds
+// p = e / sum into per-class Welford mean / M2 that stay in registers for
+// all beta samples. The class loops are unrolled to CM with a runtime
+// `c < C` guard, so the arrays are register-allocated; CM is a bucket
+// (4, 8, 16, 32, 64) and V shrinks as CM grows (8, 4, 2, 1, 1) to keep
+// 3 * CM * V at 96 registers (CM = 64 needs 192, about 220 in all: fewer
+// resident warps, but 64 loads in flight per thread).
+//
+// The first Welford step (s = 0, inv_m = 1) from mean = M2 = 0 gives exactly
+// mean = p, M2 = 0 for finite p, as the CPU kernel's explicit initialisation
+// does (a NaN p makes the pixel NaN either way from the second sample on).
+
+template <DType IT, DType ST, int CM, int V, bool kVec, bool kCe>
+__global__ void __launch_bounds__(kRegThreads)
+    mc_register_kernel(const ForwardArgs a, int64_t tiles) {
+  __shared__ float s_wsum;
+  float S = static_cast<float>(a.C);
+  if (kCe && a.weight != nullptr) S = class_weight_sum(a.weight, a.C, &s_wsum);
+
+  const ElemT<ST>* __restrict__ samples =
+      static_cast<const ElemT<ST>*>(a.samples);
+  const int C = static_cast<int>(a.C);
+  const int64_t N = a.N;
+  const int64_t CN = a.C * a.N;
+  const int64_t total = a.B * a.N;
+  const int64_t s_stride = a.B * CN;
+  const int beta = static_cast<int>(a.beta);
+
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    Pixels<V> px;
+    tile_pixels<V, kVec>(px, tile, total, N, CN);
+
+    float mean[CM][V], m2[CM][V];
+#pragma unroll
+    for (int c = 0; c < CM; ++c) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        mean[c][v] = 0.0f;
+        m2[c][v] = 0.0f;
+      }
+    }
+
+    for (int s = 0; s < beta; ++s) {
+      const ElemT<ST>* __restrict__ xs = samples + s * s_stride;
+      float x[CM][V];
+#pragma unroll
+      for (int c = 0; c < CM; ++c) {
+        if (c < C) {
+          load_row<ST, V, kVec>(xs, px, static_cast<int64_t>(c) * N, x[c]);
+        } else {
+#pragma unroll
+          for (int v = 0; v < V; ++v) x[c][v] = 0.0f;
+        }
+      }
+      float mx[V], inv[V];
+#pragma unroll
+      for (int v = 0; v < V; ++v) mx[v] = x[0][v];
+#pragma unroll
+      for (int c = 1; c < CM; ++c) {
+        if (c < C) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) mx[v] = x[c][v] > mx[v] ? x[c][v] : mx[v];
+        }
+      }
+#pragma unroll
+      for (int v = 0; v < V; ++v) inv[v] = 0.0f;
+#pragma unroll
+      for (int c = 0; c < CM; ++c) {
+        if (c < C) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            // x - max <= 0; NaN when every class is -inf (or any is NaN or
+            // +inf), which propagates to the pixel as in the reference.
+            x[c][v] = exp_f(x[c][v] - mx[v]);
+            inv[v] += x[c][v];
+          }
+        }
+      }
+#pragma unroll
+      for (int v = 0; v < V; ++v) inv[v] = 1.0f / inv[v];
+      const float inv_m = 1.0f / static_cast<float>(s + 1);
+#pragma unroll
+      for (int c = 0; c < CM; ++c) {
+        if (c < C) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            uce::welford_update(x[c][v] * inv[v], inv_m, mean[c][v], m2[c][v]);
+          }
+        }
+      }
+    }
+
+    float best[V], best_m2[V];
+    int32_t idx[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      best[v] = mean[0][v];
+      best_m2[v] = m2[0][v];
+      idx[v] = 0;
+    }
+#pragma unroll
+    for (int c = 1; c < CM; ++c) {
+      if (c < C) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const bool take = argmax_takes(mean[c][v], best[v]);
+          best[v] = take ? mean[c][v] : best[v];
+          best_m2[v] = take ? m2[c][v] : best_m2[v];
+          idx[v] = take ? c : idx[v];
+        }
+      }
+    }
+    mc_finish<IT, V, kVec, kCe>(a, px, S, best_m2, idx);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Monte-Carlo pass, class chunks (C > 64): exact for any C.
+//
+// Pass 1, per sample: one read of the C class values with an online max and
+// sum of exp (rescaled when the max grows), giving each sample's softmax
+// normalisers (max, 1/sum) for the thread's pixels. They are kept in dynamic
+// shared memory (2 * beta * P floats; thread-private slots v * threads + tid,
+// conflict-free and needing no barrier), or, when that exceeds the 48 KiB
+// default (beta > 23), in a global scratch slice per block.
+// Pass 2, per chunk of K classes: Welford over the samples of
+// p = exp(x - max_s) / sum_s for the K classes (registers), then the running
+// argmax of the mean over the chunk's classes in class order.
+// The stack is read twice (per-block working set of a sample row, P * C
+// elements, is too large at these C to stay cached between the passes); the
+// per-pixel state is independent of C.
+//
+// V = 4 pixels per thread (16-byte fp32 loads, 8-byte fp16/bf16 loads) and
+// K = 8 classes per chunk: 2 * K * V = 64 Welford registers plus K * V = 32
+// loads in flight per sample (about 140-160 registers per thread in all);
+// 64 threads keep the shared memory per block at 2 KiB per sample.
+
+template <DType IT, DType ST, bool kVec, bool kCe>
+__global__ void __launch_bounds__(kChunkThreads)
+    mc_chunked_kernel(const ForwardArgs a, int64_t tiles,
+                      float* __restrict__ gnorm) {
+  constexpr int V = kChunkPixels;
+  constexpr int K = kChunkClasses;
+  extern __shared__ float s_norm[];
+  __shared__ float s_wsum;
+  float S = static_cast<float>(a.C);
+  if (kCe && a.weight != nullptr) S = class_weight_sum(a.weight, a.C, &s_wsum);
+
+  const ElemT<ST>* __restrict__ samples =
+      static_cast<const ElemT<ST>*>(a.samples);
+  const int C = static_cast<int>(a.C);
+  const int64_t N = a.N;
+  const int64_t CN = a.C * a.N;
+  const int64_t total = a.B * a.N;
+  const int64_t s_stride = a.B * CN;
+  const int beta = static_cast<int>(a.beta);
+  const int64_t P = static_cast<int64_t>(blockDim.x) * V;
+  float* __restrict__ norm =
+      gnorm != nullptr ? gnorm + static_cast<int64_t>(blockIdx.x) * 2 * beta * P
+                       : s_norm;
+  const float kInf = __int_as_float(0x7f800000);
+  const float kNaN = __int_as_float(0x7fc00000);
+
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    Pixels<V> px;
+    tile_pixels<V, kVec>(px, tile, total, N, CN);
+
+    // Pass 1: normalisers of every sample.
+    for (int s = 0; s < beta; ++s) {
+      const ElemT<ST>* __restrict__ xs = samples + s * s_stride;
+      float m[V], l[V];
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        m[v] = -kInf;
+        l[v] = 0.0f;
+      }
+#pragma unroll 4
+      for (int c = 0; c < C; ++c) {
+        float r[V];
+        load_row<ST, V, kVec>(xs, px, static_cast<int64_t>(c) * N, r);
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          // One exp per element: a new maximum rescales the sum by
+          // exp(m - r), otherwise exp(r - m) is added. r == m gives exactly
+          // 1 without subtracting, which also covers -inf == -inf (no
+          // -inf - -inf NaN from leading -inf classes).
+          const bool up = r[v] > m[v];
+          const float d = up ? m[v] - r[v] : r[v] - m[v];
+          const float e = r[v] == m[v] ? 1.0f : exp_f(d);
+          l[v] = up ? fmaf(l[v], e, 1.0f) : l[v] + e;
+          m[v] = up ? r[v] : m[v];
+        }
+      }
+      const int64_t row = 2 * static_cast<int64_t>(s) * P;  // (max, 1/sum)
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const int64_t slot =
+            row + v * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+        norm[slot] = m[v];
+        // A +inf max makes every probability NaN (exp(inf - inf) in the
+        // reference's sum); NaN and all -inf reach NaN through l and pass 2.
+        norm[slot + P] = 1.0f / (m[v] == kInf ? kNaN : l[v]);
+      }
+    }
+
+    // Pass 2: Welford over the samples, K classes at a time.
+    float best[V], best_m2[V];
+    int32_t idx[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      best[v] = 0.0f;
+      best_m2[v] = 0.0f;
+      idx[v] = 0;
+    }
+    for (int c0 = 0; c0 < C; c0 += K) {
+      float mean[K][V], m2[K][V];
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          mean[k][v] = 0.0f;
+          m2[k][v] = 0.0f;
+        }
+      }
+      for (int s = 0; s < beta; ++s) {
+        const ElemT<ST>* __restrict__ xs = samples + s * s_stride;
+        float x[K][V];
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          if (c0 + k < C) {
+            load_row<ST, V, kVec>(xs, px, static_cast<int64_t>(c0 + k) * N,
+                                  x[k]);
+          } else {
+#pragma unroll
+            for (int v = 0; v < V; ++v) x[k][v] = 0.0f;
+          }
+        }
+        float ms[V], is[V];
+        const int64_t row = 2 * static_cast<int64_t>(s) * P;
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const int64_t slot =
+              row + v * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+          ms[v] = norm[slot];
+          is[v] = norm[slot + P];
+        }
+        const float inv_m = 1.0f / static_cast<float>(s + 1);
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          if (c0 + k < C) {
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+              const float p = exp_f(x[k][v] - ms[v]) * is[v];
+              uce::welford_update(p, inv_m, mean[k][v], m2[k][v]);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int c = c0 + k;
+        if (c < C) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            const bool take = c == 0 || argmax_takes(mean[k][v], best[v]);
+            best[v] = take ? mean[k][v] : best[v];
+            best_m2[v] = take ? m2[k][v] : best_m2[v];
+            idx[v] = take ? c : idx[v];
+          }
+        }
+      }
+    }
+    mc_finish<IT, V, kVec, kCe>(a, px, S, best_m2, idx);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// uce_forward with sigma given: the CE alone, V = 16 bytes of pixels.
+
+template <DType IT, bool kVec>
+__global__ void __launch_bounds__(kCeThreads)
+    ce_kernel(const ForwardArgs a, int64_t tiles) {
+  constexpr int V = kVec16<IT>;
+  __shared__ float s_wsum;
+  const float S = a.weight != nullptr ? class_weight_sum(a.weight, a.C, &s_wsum)
+                                      : static_cast<float>(a.C);
+  const int64_t total = a.B * a.N;
+  const int64_t CN = a.C * a.N;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    Pixels<V> px;
+    tile_pixels<V, kVec>(px, tile, total, a.N, CN);
+    float sigma[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      sigma[v] = px.valid[v] ? __ldg(a.sigma_in + px.q[v]) : 0.0f;
+    }
+    ce_pixels<IT, V, kVec>(a, px, S, sigma);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward: grad_input[b, c, n] from the saved lse and pixel weight; every
+// element read once and written once (16-byte loads and stores in vector
+// mode). Ignored (and invalid-label) pixels get exactly 0 by a select, even
+// when grad_loss is inf there.
+
+template <DType IT, bool kVec>
+__global__ void __launch_bounds__(kBwdThreads)
+    backward_kernel(const BackwardArgs a, int64_t tiles) {
+  constexpr int V = kVec16<IT>;
+  __shared__ float s_wsum;
+  const float* __restrict__ cw = a.weight;
+  const float S = cw != nullptr ? class_weight_sum(cw, a.C, &s_wsum)
+                                : static_cast<float>(a.C);
+  const ElemT<IT>* __restrict__ x = static_cast<const ElemT<IT>*>(a.input);
+  ElemT<IT>* __restrict__ out = static_cast<ElemT<IT>*>(a.grad_input);
+  const int C = static_cast<int>(a.C);
+  const int64_t N = a.N;
+  const int64_t total = a.B * a.N;
+  const int64_t CN = a.C * a.N;
+
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    Pixels<V> px;
+    tile_pixels<V, kVec>(px, tile, total, N, CN);
+    int32_t lab[V];
+    float kh[V], ks[V], lse[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      lab[v] = load_label(a.target, px.q[v], px.valid[v], a.C, a.ignore_index,
+                          a.bad_pixel);
+      kh[v] = 0.0f;
+      ks[v] = 0.0f;
+      lse[v] = 0.0f;
+      if (px.valid[v]) {
+        const int64_t q = px.q[v];
+        const float cw_t =
+            cw != nullptr ? __ldg(cw + (lab[v] < 0 ? 0 : lab[v])) : 1.0f;
+        const uce::GradCoef k =
+            uce::grad_coef(__ldg(a.grad_loss + q) * __ldg(a.pixel_weight + q),
+                           cw_t, a.one_minus_eps, a.eps_over_c);
+        kh[v] = k.k_hard;
+        ks[v] = k.k_smooth;
+        lse[v] = __ldg(a.lse + q);
+      }
+    }
+#pragma unroll 4
+    for (int c = 0; c < C; ++c) {
+      const int64_t off = static_cast<int64_t>(c) * N;
+      float r[V];
+      load_row<IT, V, kVec>(x, px, off, r);
+      const float w = cw != nullptr ? __ldg(cw + c) : 1.0f;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const float p = exp_f(r[v] - lse[v]);
+        r[v] = uce::class_grad(lab[v] < 0, kh[v], ks[v], p, lab[v] == c, w, S);
+      }
+      store_row<IT, V, kVec>(out, px, off, r);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Launchers.
+
+template <DType IT, DType ST, int CM, int V, bool kCe>
+cudaError_t launch_register_bucket(const ForwardArgs& a, cudaStream_t stream) {
+  const int64_t tiles =
+      ceil_div(a.B * a.N, static_cast<int64_t>(kRegThreads) * V);
+  const dim3 grid(static_cast<unsigned int>(grid_for(tiles)));
+  if constexpr (V > 1) {
+    const bool vec = can_vectorise<ST, V>(a.samples, a.N) &&
+                     (!kCe || can_vectorise<IT, V>(a.input, a.N));
+    if (vec) {
+      mc_register_kernel<IT, ST, CM, V, true, kCe>
+          <<<grid, kRegThreads, 0, stream>>>(a, tiles);
+      return cudaGetLastError();
+    }
+  }
+  mc_register_kernel<IT, ST, CM, V, false, kCe>
+      <<<grid, kRegThreads, 0, stream>>>(a, tiles);
+  return cudaGetLastError();
+}
+
+template <DType IT, DType ST, bool kCe>
+cudaError_t launch_register(const ForwardArgs& a, cudaStream_t stream) {
+  if (a.C <= 4) return launch_register_bucket<IT, ST, 4, 8, kCe>(a, stream);
+  if (a.C <= 8) return launch_register_bucket<IT, ST, 8, 4, kCe>(a, stream);
+  if (a.C <= 16) return launch_register_bucket<IT, ST, 16, 2, kCe>(a, stream);
+  if (a.C <= 32) return launch_register_bucket<IT, ST, 32, 1, kCe>(a, stream);
+  static_assert(kRegisterMaxClasses == 64, "register buckets end at 64");
+  return launch_register_bucket<IT, ST, 64, 1, kCe>(a, stream);
+}
+
+template <DType IT, DType ST, bool kCe>
+cudaError_t launch_chunked(const ForwardArgs& a, float* scratch,
+                           cudaStream_t stream) {
+  const ChunkPlan plan = chunk_plan(a);
+  float* gnorm = nullptr;
+  if (plan.scratch_floats > 0) {
+    if (scratch == nullptr) return cudaErrorInvalidValue;
+    gnorm = scratch;
+  }
+  const dim3 grid(static_cast<unsigned int>(plan.grid));
+  const bool vec = can_vectorise<ST, kChunkPixels>(a.samples, a.N) &&
+                   (!kCe || can_vectorise<IT, kChunkPixels>(a.input, a.N));
+  if (vec) {
+    mc_chunked_kernel<IT, ST, true, kCe>
+        <<<grid, kChunkThreads, plan.smem_bytes, stream>>>(a, plan.tiles,
+                                                            gnorm);
+  } else {
+    mc_chunked_kernel<IT, ST, false, kCe>
+        <<<grid, kChunkThreads, plan.smem_bytes, stream>>>(a, plan.tiles,
+                                                            gnorm);
+  }
+  return cudaGetLastError();
+}
+
+template <DType IT, DType ST>
+cudaError_t launch_fused(const ForwardArgs& a, float* scratch,
+                         cudaStream_t stream) {
+  if (a.C <= kRegisterMaxClasses) {
+    return launch_register<IT, ST, true>(a, stream);
+  }
+  return launch_chunked<IT, ST, true>(a, scratch, stream);
+}
+
+// The CE template parameter is unused without the CE part; float32 names the
+// single instantiation.
+template <DType ST>
+cudaError_t launch_mc(const ForwardArgs& a, float* scratch,
+                      cudaStream_t stream) {
+  if (a.C <= kRegisterMaxClasses) {
+    return launch_register<DType::kFloat32, ST, false>(a, stream);
+  }
+  return launch_chunked<DType::kFloat32, ST, false>(a, scratch, stream);
+}
+
+template <DType IT>
+cudaError_t launch_ce(const ForwardArgs& a, cudaStream_t stream) {
+  constexpr int V = kVec16<IT>;
+  const int64_t tiles =
+      ceil_div(a.B * a.N, static_cast<int64_t>(kCeThreads) * V);
+  const dim3 grid(static_cast<unsigned int>(grid_for(tiles)));
+  if (can_vectorise<IT, V>(a.input, a.N)) {
+    ce_kernel<IT, true><<<grid, kCeThreads, 0, stream>>>(a, tiles);
+  } else {
+    ce_kernel<IT, false><<<grid, kCeThreads, 0, stream>>>(a, tiles);
+  }
+  return cudaGetLastError();
+}
+
+template <DType IT>
+cudaError_t launch_backward(const BackwardArgs& a, cudaStream_t stream) {
+  constexpr int V = kVec16<IT>;
+  const int64_t tiles =
+      ceil_div(a.B * a.N, static_cast<int64_t>(kBwdThreads) * V);
+  const dim3 grid(static_cast<unsigned int>(grid_for(tiles)));
+  if (can_vectorise<IT, V>(a.input, a.N) &&
+      can_vectorise<IT, V>(a.grad_input, a.N)) {
+    backward_kernel<IT, true><<<grid, kBwdThreads, 0, stream>>>(a, tiles);
+  } else {
+    backward_kernel<IT, false><<<grid, kBwdThreads, 0, stream>>>(a, tiles);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace detail
+}  // namespace uce_cuda

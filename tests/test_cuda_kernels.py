@@ -1,0 +1,338 @@
+"""What is specific to the CUDA kernels: the 16-byte vector path against the scalar path (aligned,
+misaligned and odd pixel counts), the register-tile buckets and the class-chunked path (with its
+shared-memory and global-scratch variants), label errors read back from the device, CUDA graph
+capture, streams, and tensors over 2^31 elements. Everything runs the ops directly on the
+(B, C, N) contract and compares with the reference on the same values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DTYPES, assert_close
+
+import uce_fast
+from uce_fast import reference
+
+pytestmark = pytest.mark.skipif(
+    "cuda" not in uce_fast.available_backends(),
+    reason="the CUDA kernels need a CUDA device and uce_fast._C built against a CUDA build of "
+    f"torch (available backends: {uce_fast.available_backends()})",
+)
+
+OPS = torch.ops.uce_fast
+NO_BAD_PIXEL = 2**63 - 1
+
+
+def _with_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A contiguous tensor equal to ``t`` whose data starts ``offset`` elements into its storage,
+    so its pointer is misaligned for vector loads when ``offset`` is not a multiple of 16 bytes."""
+    if offset == 0:
+        return t.contiguous()
+    flat = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = flat[offset:].view(t.shape)
+    view.copy_(t)
+    assert view.is_contiguous() and view.storage_offset() == offset
+    return view
+
+
+def _problem(batch, classes, pixels, beta, *, dtype=torch.float32, sample_dtype=None,
+             ignore_index=-100, ignore_frac=0.2, seed=0, device="cuda"):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, classes, pixels, generator=gen) * 2.0
+    samples = logits + torch.randn(beta, batch, classes, pixels, generator=gen)
+    target = torch.randint(0, classes, (batch, pixels), generator=gen)
+    target[torch.rand(batch, pixels, generator=gen) < ignore_frac] = ignore_index
+    return (logits.to(device, dtype), target.to(device),
+            samples.to(device, sample_dtype or dtype))
+
+
+def _expected(input, target, samples, sigma, weight, alpha, ignore_index, eps, correction,
+              grad_loss):
+    """(loss, lse, pixel_weight, grad_input) from the reference, on the CPU, same values."""
+    x = input.detach().cpu().requires_grad_(True)
+    if samples is not None:
+        sigma = reference.mc_uncertainty(samples.cpu(), correction)[0]
+    pixel_weight = reference.uncertainty_weight(sigma.cpu(), alpha)
+    if alpha == 0:
+        pixel_weight = torch.ones_like(pixel_weight)
+    w = None if weight is None else weight.cpu()
+    loss = reference.weighted_cross_entropy(x, target.cpu(), pixel_weight, weight=w,
+                                            ignore_index=ignore_index, label_smoothing=eps)
+    (grad,) = torch.autograd.grad(loss, x, grad_loss.cpu())
+    lse = torch.logsumexp(x.detach().float(), dim=1)
+    return loss.detach(), lse, pixel_weight.float(), grad
+
+
+def _check_all_ops(input, target, samples, *, weight=None, alpha=3.0, ignore_index=-100,
+                   eps=0.1, correction=1, sigma=None, scale=1.0):
+    """Forward, backward and mc_uncertainty of the CUDA kernels against the reference."""
+    grad_loss = torch.rand(target.shape, device=input.device) + 0.5
+    loss, lse, pixel_weight = OPS.uce_forward(input, target, samples, sigma, weight, alpha,
+                                              ignore_index, eps, correction)
+    grad = OPS.uce_backward(grad_loss, input, target, lse, pixel_weight, weight, ignore_index,
+                            eps)
+    ref = _expected(input, target, samples, sigma, weight, alpha, ignore_index, eps, correction,
+                    grad_loss)
+    valid = (target != ignore_index).cpu()
+    assert_close(loss.cpu(), ref[0], dtype=torch.float32, scale=5 * scale, msg="loss")
+    assert_close(lse.cpu(), ref[1], dtype=torch.float32, scale=scale, msg="lse")
+    assert_close(pixel_weight.cpu(), ref[2], dtype=torch.float32, scale=5 * scale, msg="weight")
+    assert_close(grad.cpu(), ref[3], scale=5 * scale, msg="grad")
+    assert torch.count_nonzero(loss.cpu()[~valid]) == 0
+    assert torch.count_nonzero(grad.cpu().transpose(0, 1)[:, ~valid]) == 0
+    if samples is not None:
+        sig, pred = OPS.mc_uncertainty(samples, correction)
+        ref_sig, ref_pred = reference.mc_uncertainty(samples.cpu(), correction)
+        assert_close(sig.cpu(), ref_sig, dtype=torch.float32, scale=5 * scale, msg="sigma")
+        assert torch.equal(pred.cpu(), ref_pred)
+
+
+# ---------------------------------------------------------------- access paths and class buckets
+
+# Class counts in every register bucket (<= 4, 8, 16, 32, 64) and on the chunked path (> 64);
+# pixel counts that allow the vector path (multiples of 8), that do not (odd), and N = 1.
+CLASSES = [2, 5, 16, 19, 40, 64, 65, 150]
+LAYOUTS = [  # (pixels, input offset, samples offset)
+    (64, 0, 0),    # vector path
+    (64, 1, 1),    # pointers misaligned by one element: scalar path
+    (64, 2, 2),    # 8-byte (fp32) / 4-byte (fp16) aligned: vector only where that suffices
+    (64, 0, 1),    # logits aligned, samples not
+    (37, 0, 0),    # N not a multiple of 4 or 8
+    (1, 0, 0),     # no spatial dims: classes adjacent in memory
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("classes", CLASSES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda v: f"N{v[0]}-off{v[1]}{v[2]}")
+def test_vector_and_scalar_paths(dtype, classes, layout):
+    pixels, input_offset, samples_offset = layout
+    batch = 5 if pixels == 1 else 2
+    input, target, samples = _problem(batch, classes, pixels, 3, dtype=dtype, seed=classes)
+    input = _with_offset(input, input_offset)
+    samples = _with_offset(samples, samples_offset)
+    if input_offset % 2 == 1:
+        assert input.data_ptr() % 16 != 0
+    weight = torch.rand(classes, device="cuda") + 0.5
+    _check_all_ops(input, target, samples, weight=weight)
+    sigma = torch.rand(target.shape, device="cuda")
+    _check_all_ops(input, target, None, sigma=sigma)
+
+
+@pytest.mark.parametrize(("dtype", "sample_dtype"),
+                         [(a, b) for a in DTYPES for b in DTYPES if a != b], ids=str)
+@pytest.mark.parametrize("classes", [3, 19, 150])
+def test_mixed_input_and_sample_dtypes(dtype, sample_dtype, classes):
+    input, target, samples = _problem(2, classes, 48, 4, dtype=dtype, sample_dtype=sample_dtype)
+    _check_all_ops(input, target, samples, alpha=10.0)
+
+
+@pytest.mark.parametrize("classes", [65, 150, 1000])
+@pytest.mark.parametrize("beta", [2, 23, 24, 40])
+def test_class_chunked_path_any_beta(classes, beta):
+    """beta <= 23 keeps the per-sample softmax normalisers in shared memory, more uses a global
+    scratch buffer with a capped, grid-stride grid; both must give the same statistics."""
+    input, target, samples = _problem(2, classes, 300, beta, seed=beta)
+    _check_all_ops(input, target, samples, alpha=10.0, correction=0)
+
+
+def test_many_tiles_per_row_and_batch():
+    """Several blocks per batch row and tiles straddling row ends (flattened pixels)."""
+    input, target, samples = _problem(3, 19, 4099, 3)
+    _check_all_ops(input, target, samples)
+    input, target, samples = _problem(2, 150, 1031, 2)
+    _check_all_ops(input, target, samples)
+
+
+def test_results_are_deterministic():
+    input, target, samples = _problem(2, 150, 513, 4, dtype=torch.float16)
+    weight = torch.rand(150, device="cuda")
+    first = OPS.uce_forward(input, target, samples, None, weight, 10.0, -100, 0.1, 1)
+    second = OPS.uce_forward(input, target, samples, None, weight, 10.0, -100, 0.1, 1)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- non-finite values
+
+
+@pytest.mark.parametrize("classes", [4, 19, 150])
+@pytest.mark.parametrize("fill", [float("-inf"), float("inf"), float("nan")], ids=str)
+def test_non_finite_values_match_cpu_kernels(classes, fill):
+    if "cpu" not in uce_fast.available_backends():
+        pytest.skip("the compiled CPU kernels are not built")
+    input, target, samples = _problem(1, classes, 8, 3, ignore_frac=0.0)
+    samples[:, 0, :, 2] = fill          # a pixel whose every sample row is non-finite
+    samples[1, 0, 0, 3] = fill          # one class of one sample
+    input[0, 1, 5] = fill               # one logit
+    input[0, :, 6] = fill               # every logit of a pixel
+    for eps in (0.0, 0.1):
+        got = OPS.uce_forward(input, target, samples, None, None, 2.0, -100, eps, 1)
+        want = OPS.uce_forward(input.cpu(), target.cpu(), samples.cpu(), None, None, 2.0, -100,
+                               eps, 1)
+        for name, a, b in zip(("loss", "lse", "pixel_weight"), got, want, strict=True):
+            assert_close(a.cpu(), b, scale=5, msg=name)
+    sig, pred = OPS.mc_uncertainty(samples, 1)
+    cpu_sig, cpu_pred = OPS.mc_uncertainty(samples.cpu(), 1)
+    assert_close(sig.cpu(), cpu_sig, scale=5)
+    assert torch.equal(pred.cpu(), cpu_pred)
+
+
+def test_leading_minus_inf_classes_are_zero_probability():
+    """-inf in the first classes must not poison the online max/sum of the chunked path."""
+    input, target, samples = _problem(1, 150, 16, 3)
+    samples[:, :, :10] = float("-inf")
+    input[:, :10] = float("-inf")
+    target[(target >= 0) & (target < 10)] += 10  # a -inf target logit would make the loss inf
+    sig, pred = OPS.mc_uncertainty(samples, 1)
+    ref_sig, ref_pred = reference.mc_uncertainty(samples.cpu(), 1)
+    assert torch.isfinite(sig).all()
+    assert_close(sig.cpu(), ref_sig, scale=5)
+    assert torch.equal(pred.cpu(), ref_pred)
+    _check_all_ops(input, target, samples, eps=0.0)
+
+
+# ---------------------------------------------------------------- labels and gradients
+
+
+@pytest.mark.parametrize("classes", [5, 150])
+@pytest.mark.parametrize("with_samples", [True, False], ids=["samples", "sigma"])
+def test_bad_labels_raise_first_in_memory_order(classes, with_samples):
+    input, target, samples = _problem(2, classes, 40, 3, ignore_frac=0.0)
+    target[1, 3] = classes
+    target[0, 39] = -7           # the first bad label in memory order
+    target[1, 0] = 2**40
+    sigma = torch.rand(target.shape, device="cuda")
+    args = (samples, None) if with_samples else (None, sigma)
+    pattern = rf"target contains label -7, outside \[0, {classes}\) and not ignore_index \(-100\)"
+    with pytest.raises(ValueError, match=pattern):
+        OPS.uce_forward(input, target, *args, None, 2.0, -100, 0.0, 1)
+    target_ok = target.clone()
+    target_ok[target_ok >= classes] = 0
+    target_ok[target_ok < 0] = 0
+    _, lse, pixel_weight = OPS.uce_forward(input, target_ok, *args, None, 2.0, -100, 0.0, 1)
+    grad_loss = torch.ones(target.shape, device="cuda")
+    with pytest.raises(ValueError, match=pattern):
+        OPS.uce_backward(grad_loss, input, target, lse, pixel_weight, None, -100, 0.0)
+    # The context is intact: no device assert was hit.
+    torch.cuda.synchronize()
+    loss = OPS.uce_forward(input, target_ok, *args, None, 2.0, -100, 0.0, 1)[0]
+    assert torch.isfinite(loss).all()
+
+
+def test_ignore_index_inside_class_range():
+    input, target, samples = _problem(2, 19, 64, 3, ignore_index=0, ignore_frac=0.3)
+    _check_all_ops(input, target, samples, ignore_index=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ignored_pixels_get_exact_zero_grad_under_inf_upstream(dtype):
+    input, target, samples = _problem(2, 19, 64, 3, dtype=dtype, ignore_index=255)
+    weight = torch.rand(19, device="cuda") + 0.5
+    _, lse, pixel_weight = OPS.uce_forward(input, target, samples, None, weight, 10.0, 255, 0.1,
+                                           1)
+    grad_loss = torch.rand(target.shape, device="cuda")
+    grad_loss[target == 255] = float("inf")
+    grad = OPS.uce_backward(grad_loss, input, target, lse, pixel_weight, weight, 255, 0.1)
+    ignored = (target == 255).unsqueeze(1).expand_as(grad)
+    assert torch.count_nonzero(grad[ignored]) == 0
+    assert torch.isfinite(grad[~ignored]).all()
+
+
+# ---------------------------------------------------------------- streams, devices, graphs
+
+
+def test_runs_on_the_current_stream():
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        input, target, samples = _problem(2, 19, 1000, 3)
+        loss, lse, pixel_weight = OPS.uce_forward(input, target, samples, None, None, 3.0, -100,
+                                                  0.0, 1)
+        grad = OPS.uce_backward(torch.ones_like(lse), input, target, lse, pixel_weight, None,
+                                -100, 0.0)
+    stream.synchronize()
+    ref = _expected(input, target, samples, None, None, 3.0, -100, 0.0, 1,
+                    torch.ones_like(lse))
+    assert_close(loss.cpu(), ref[0], scale=5)
+    assert_close(grad.cpu(), ref[3], scale=5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_device():
+    input, target, samples = _problem(2, 19, 100, 3, device="cuda:1")
+    with torch.cuda.device(0):
+        _check_all_ops(input, target, samples)
+
+
+def test_tensors_on_different_devices_are_rejected():
+    input, target, samples = _problem(2, 5, 16, 3)
+    with pytest.raises(RuntimeError, match="target must be a CUDA tensor"):
+        OPS.uce_forward(input, target.cpu(), samples, None, None, 2.0, -100, 0.0, 1)
+    with pytest.raises(RuntimeError, match="samples must be a CUDA tensor"):
+        OPS.uce_forward(input, target, samples.cpu(), None, None, 2.0, -100, 0.0, 1)
+
+
+def test_cuda_graph_capture_and_replay():
+    """The label read-back synchronises, which graph capture forbids: it is skipped while the
+    stream is capturing, so the op can be captured (after an eager warm-up that checks)."""
+    input, target, samples = _problem(2, 19, 256, 3)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        eager = OPS.uce_forward(input, target, samples, None, None, 3.0, -100, 0.1, 1)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = OPS.uce_forward(input, target, samples, None, None, 3.0, -100, 0.1, 1)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, eager, strict=True):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- more than 2^31 elements
+
+
+def _free_gib() -> float:
+    free, _ = torch.cuda.mem_get_info()
+    return free / 2**30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("classes", "vector"), [(19, True), (19, False), (150, True)],
+                         ids=["C19-vector", "C19-scalar", "C150-vector"])
+def test_more_than_2_pow_31_elements(classes, vector):
+    """The logits alone exceed 2^31 elements (the stack twice that): every offset must be int64.
+    The first and last pixels of the full run are compared with runs on copies of just those
+    pixels, which are small."""
+    need_gib = 40
+    if _free_gib() < need_gib:
+        pytest.skip(f"needs a CUDA device with >= {need_gib} GiB free, has {_free_gib():.0f}")
+    pixels = 2**31 // classes + 1024
+    pixels = pixels + (-pixels) % 8 if vector else pixels | 1
+    assert classes * pixels > 2**31
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    input = torch.randn(1, classes, pixels, device="cuda", dtype=torch.float16, generator=gen)
+    samples = torch.empty(2, 1, classes, pixels, device="cuda", dtype=torch.float16)
+    for s in range(2):
+        samples[s] = input + torch.randn(input.shape, device="cuda", dtype=torch.float16,
+                                         generator=gen)
+    target = torch.randint(0, classes, (1, pixels), device="cuda", generator=gen)
+    loss, lse, pixel_weight = OPS.uce_forward(input, target, samples, None, None, 10.0, -100,
+                                              0.1, 1)
+    grad_loss = torch.ones_like(loss)
+    grad = OPS.uce_backward(grad_loss, input, target, lse, pixel_weight, None, -100, 0.1)
+    sigma, pred = OPS.mc_uncertainty(samples, 1)
+    for part in (slice(0, 1000), slice(pixels - 1000, pixels)):
+        x, s, t = (input[..., part].contiguous(), samples[..., part].contiguous(),
+                   target[..., part].contiguous())
+        small = OPS.uce_forward(x, t, s, None, None, 10.0, -100, 0.1, 1)
+        assert_close(loss[..., part], small[0], msg="loss")
+        assert_close(lse[..., part], small[1], msg="lse")
+        small_grad = OPS.uce_backward(torch.ones_like(small[0]), x, t, small[1], small[2], None,
+                                      -100, 0.1)
+        assert_close(grad[..., part], small_grad, msg="grad")
+        small_sigma, small_pred = OPS.mc_uncertainty(s, 1)
+        assert_close(sigma[..., part], small_sigma, msg="sigma")
+        assert torch.equal(pred[..., part], small_pred)
+    assert torch.isfinite(loss).all()
