@@ -29,11 +29,51 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _fmt_bandwidth(nbytes: float | None, seconds: float | None, copy: float | None) -> str:
+    if not nbytes or not seconds:
+        return "—"
+    rate = nbytes / seconds
+    share = f" ({rate / copy:.0%})" if copy else ""
+    return f"{rate / 1e9:.0f}{share}"
+
+
+def cuda_table(rows: list[dict]) -> str:
+    """Markdown for the CUDA suite: forward and forward+backward medians, speed-up over the
+    official-code style (forward+backward), effective bandwidth from counted bytes and its share
+    of the measured device-to-device copy bandwidth, and peak extra memory."""
+    copy = next((r["copy_bytes_per_s"] for r in rows if r.get("copy_bytes_per_s")), None)
+    lines = []
+    if copy:
+        lines += [f"Device-to-device copy bandwidth (measured, 2 × bytes copied): "
+                  f"{copy / 1e9:.0f} GB/s", ""]
+    lines += ["| shape | implementation | fwd (ms) | fwd+bwd (ms) | fwd+bwd speed-up vs "
+              "official-style | fwd GB/s (% of copy) | fwd+bwd GB/s (% of copy) "
+              "| peak extra memory (MiB) | extra / stack |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        group = [r for r in rows if r["shape"] == shape]
+        official = next((r.get("median_s") for r in group if r["impl"] == "official-style"),
+                        None)
+        for r in group:
+            fwd, both = r.get("fwd_s"), r.get("median_s")
+            speedup = f"{official / both:.1f}×" if official and both else "—"
+            extra = r.get("extra_bytes")
+            mem = f"{extra / 2**20:.0f}" if extra is not None else "—"
+            share = f"{extra / r['stack_bytes']:.1%}" if extra is not None else "—"
+            lines.append(
+                f"| {shape} | {r['impl']} | {f'{fwd * 1e3:.2f}' if fwd else '—'} "
+                f"| {f'{both * 1e3:.2f}' if both else '—'} | {speedup} "
+                f"| {_fmt_bandwidth(r.get('fwd_bytes'), fwd, copy)} "
+                f"| {_fmt_bandwidth(r.get('fwd_bwd_bytes'), both, copy)} | {mem} | {share} |")
+    return "\n".join(lines)
+
+
 def write_suite(directory: Path, suite: str, rows: list[dict], machine: str) -> None:
     merged: dict[tuple, dict] = {}
-    for r in rows:  # time and memory of one (shape, impl) come from separate tests
+    for r in rows:  # time and memory of one (shape, impl) may come from separate tests
         merged.setdefault((r["shape"], r["impl"]), {}).update(r)
     rows = list(merged.values())
     (directory / f"{suite}.json").write_text(json.dumps({"machine": machine, "rows": rows},
                                                         indent=2))
-    (directory / f"{suite}.md").write_text(f"Machine: {machine}\n\n{table(rows)}\n")
+    body = cuda_table(rows) if suite == "cuda" else table(rows)
+    (directory / f"{suite}.md").write_text(f"Machine: {machine}\n\n{body}\n")

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from baselines import make_inputs
-from implementations import IMPLEMENTATIONS, usable
+from implementations import CPU_NAMES, IMPLEMENTATIONS, usable
 
 SHAPE = dict(beta=10, batch=2, classes=19, size=(256, 256))
 SHAPE_ID = "β=10 B=2 C=19 256² fp32"
-NAMES = [n for n in IMPLEMENTATIONS if n != "fused-cuda"]
+NAMES = list(CPU_NAMES)
 ROUNDS = {"official-style": 5, "torch-backend": 5}
 
 

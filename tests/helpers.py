@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import uce_fast
 
 #: Backends the suite knows; each test parametrised over them skips those not usable here.
-ALL_BACKENDS = ("torch", "cpu", "cuda")
+ALL_BACKENDS = ("torch", "cpu", "cuda", "triton")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Small shapes only (UCE_FAST_TEST_SMALL=1): for the Triton interpreter, which runs each kernel
+#: program in Python.
+SMALL = os.environ.get("UCE_FAST_TEST_SMALL") == "1"
+#: Triton runs in its interpreter on CPU tensors (TRITON_INTERPRET=1, set before it is imported).
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Tolerances by the dtype of the compared tensor. Backends are compared with the reference run on
 # the *same* (possibly low-precision) values upcast to float32, so float32 results differ only by
@@ -35,7 +42,11 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype: torch.d
 
 
 def device_of(backend: str) -> torch.device:
-    return torch.device("cuda" if backend == "cuda" else "cpu")
+    """The device a backend's tests run on: CUDA for "cuda", and for "triton" where CUDA is
+    available (otherwise the Triton interpreter's CPU tensors)."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def backend_params(names=ALL_BACKENDS):

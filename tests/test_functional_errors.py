@@ -82,8 +82,20 @@ def test_unknown_or_unusable_backend():
         uce_fast.uce_loss(input, target, samples, backend="nope")
     with pytest.raises(RuntimeError, match=r"backend='cuda' cannot run"):
         uce_fast.uce_loss(input, target, samples, backend="cuda")
-    with pytest.raises(RuntimeError, match=r"backend='triton' cannot run"):
-        uce_fast.uce_loss(input, target, samples, backend="triton")
+    if "triton" not in uce_fast.available_backends():
+        with pytest.raises(RuntimeError, match=r"backend='triton' cannot run"):
+            uce_fast.uce_loss(input, target, samples, backend="triton")
+
+
+@pytest.mark.parametrize("backend", backend_params(["triton"]))
+def test_triton_rejects_other_devices_and_float64(backend):
+    input, target, samples = make_case(2, 5, (4,), 3, dtype=torch.float64,
+                                       device=device_of(backend))
+    with pytest.raises(RuntimeError, match=r"backend='triton' cannot run: .*float64"):
+        uce_fast.uce_loss(input, target, samples, backend=backend)
+    meta = make_case(2, 5, (4,), 3, device="meta")
+    with pytest.raises(RuntimeError, match=r"backend='triton' cannot run: it runs on cuda"):
+        uce_fast.uce_loss(*meta, backend=backend)
 
 
 @pytest.mark.parametrize("backend", backend_params(["cpu"]))

@@ -1,4 +1,5 @@
-"""The compiled ops: torch.library.opcheck, torch.compile(fullgraph=True) and gradients."""
+"""The kernel ops (compiled and Triton): torch.library.opcheck, torch.compile(fullgraph=True) and
+gradients."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ from helpers import DTYPES, assert_close, backend_params, device_of, loss_and_gr
 import uce_fast
 from uce_fast import ops
 
-NATIVE = backend_params(["cpu", "cuda"])
+NATIVE = backend_params(["cpu", "cuda", "triton"])
+
+
+def _op(backend: str, name: str):
+    """The op of a kernel backend: ``uce_fast::NAME`` (compiled) or ``uce_fast::triton_NAME``."""
+    if backend == "triton":
+        import uce_fast.triton.ops  # noqa: F401  (registers the Triton ops)
+
+        name = f"triton_{name}"
+    return getattr(torch.ops.uce_fast, name)
 
 
 def _flat(input, target, samples):
@@ -29,7 +39,7 @@ def test_opcheck_uce_forward(backend, dtype, with_samples, weighted):
     weight = torch.rand(7, device=device) if weighted else None
     args = (input, target, samples if with_samples else None, None if with_samples else sigma,
             weight, 2.0, -100, 0.1, 1)
-    torch.library.opcheck(torch.ops.uce_fast.uce_forward.default, args)
+    torch.library.opcheck(_op(backend, "uce_forward").default, args)
 
 
 @pytest.mark.parametrize("backend", NATIVE)
@@ -37,12 +47,12 @@ def test_opcheck_uce_forward(backend, dtype, with_samples, weighted):
 def test_opcheck_uce_backward_and_mc_uncertainty(backend, dtype):
     device = device_of(backend)
     input, target, samples = _flat(*make_case(2, 7, (5, 3), 3, dtype=dtype, device=device))
-    _, lse, pixel_weight = torch.ops.uce_fast.uce_forward(
+    _, lse, pixel_weight = _op(backend, "uce_forward")(
         input, target, samples, None, None, 2.0, -100, 0.0, 1)
     grad = torch.rand(target.shape, device=device)
-    torch.library.opcheck(torch.ops.uce_fast.uce_backward.default,
+    torch.library.opcheck(_op(backend, "uce_backward").default,
                           (grad, input.detach(), target, lse, pixel_weight, None, -100, 0.0))
-    torch.library.opcheck(torch.ops.uce_fast.mc_uncertainty.default, (samples, 1))
+    torch.library.opcheck(_op(backend, "mc_uncertainty").default, (samples, 1))
 
 
 def test_native_devices_reports_compiled_kernels():

@@ -1,11 +1,12 @@
 """Functional U-CE: input validation, backend choice and the reduction, shared by every backend.
 
 Backends compute the per-pixel loss; the reduction happens here, in torch, so it is the same for all
-of them (deterministic, no atomics, no host synchronisation).
+of them (deterministic, no atomics, no host synchronisation beyond the GPU kernels' label check).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
@@ -27,6 +28,13 @@ BACKENDS = ("torch", "cpu", "cuda", "triton")
 _REDUCTIONS = ("mean", "sum", "none")
 _NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = (*_NATIVE_DTYPES, torch.float64)
+# Looked up once (without importing Triton) so that torch.compile can trace the backend choice.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _triton_interpreted() -> bool:
+    """Triton's interpreter (CPU tensors) is on: TRITON_INTERPRET=1 before Triton is imported."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available_backends() -> list[str]:
@@ -37,6 +45,8 @@ def available_backends() -> list[str]:
         names.append("cpu")
     if "cuda" in native and torch.cuda.is_available():
         names.append("cuda")
+    if _HAS_TRITON and (_triton_interpreted() or torch.cuda.is_available()):
+        names.append("triton")
     return names
 
 
@@ -45,13 +55,17 @@ def _backend_problem(name: str, device: torch.device, dtypes: tuple[torch.dtype,
     if name == "torch":
         return ""
     if name == "triton":
-        return "the Triton backend is not part of this install"
-    if name not in ("cpu", "cuda"):
+        if not _HAS_TRITON:
+            return "triton is not installed"
+        if device.type != "cuda" and not (device.type == "cpu" and _triton_interpreted()):
+            return (f"it runs on cuda tensors (cpu tensors with TRITON_INTERPRET=1), "
+                    f"got tensors on {device}")
+    elif name not in ("cpu", "cuda"):
         return f"unknown backend; expected one of {('auto', *BACKENDS)}"
-    if name not in ops.native_devices():
+    elif name not in ops.native_devices():
         reason = ops.NATIVE_IMPORT_ERROR or f"the extension was built without {name} kernels"
         return f"the compiled extension uce_fast._C is not usable ({reason})"
-    if device.type != name:
+    elif device.type != name:
         return f"it runs on {name} tensors, got tensors on {device}"
     bad = [d for d in dtypes if d not in _NATIVE_DTYPES]
     if bad:
@@ -64,22 +78,36 @@ def resolve_backend(
 ) -> str:
     """The backend that will run for tensors on ``device`` with floating dtypes ``dtypes``.
 
-    ``"auto"`` takes ``$UCE_FAST_BACKEND`` when set, else the fastest backend that can run here
-    (the compiled kernels for the tensors' device, else ``"torch"``). An explicitly named backend
-    that cannot run raises ``RuntimeError``; it never falls back silently.
+    ``"auto"`` takes ``$UCE_FAST_BACKEND`` when set, else the fastest backend that can run here:
+    on CUDA tensors ``"triton"``, then the compiled ``"cuda"`` kernels; on CPU tensors the compiled
+    ``"cpu"`` kernels; else ``"torch"``. An explicitly named backend that cannot run raises
+    ``RuntimeError``; it never falls back silently.
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend == "auto":
         backend = os.environ.get("UCE_FAST_BACKEND", "auto") or "auto"
     if backend == "auto":
-        for name in (device.type, "torch"):
+        candidates = (device.type, "torch")
+        if device.type == "cuda":
+            candidates = ("triton", "cuda", "torch")
+        for name in candidates:
             if name in BACKENDS and not _backend_problem(name, device, dtypes):
                 return name
     problem = _backend_problem(backend, device, dtypes)
     if problem:
         raise RuntimeError(f"backend={backend!r} cannot run: {problem}")
     return backend
+
+
+def _kernel_ops(name: str):
+    """The op module of a kernel backend: ``uce_fast.ops`` (compiled), or the Triton ops, which
+    are imported on first use so that Triton is only loaded when it runs."""
+    if name == "triton":
+        from uce_fast.triton import ops as triton_ops
+
+        return triton_ops
+    return ops
 
 
 def _check_tensor(name: str, value: object, dtypes: tuple[torch.dtype, ...], what: str) -> Tensor:
@@ -251,7 +279,7 @@ def uce_loss(
         )
     else:
         pixels = math.prod(spatial)
-        per_pixel = ops.uce_forward(
+        per_pixel = _kernel_ops(name).uce_forward(
             input.contiguous().view(batch, num_classes, pixels),
             target.contiguous().view(batch, pixels),
             None if samples is None
@@ -293,6 +321,6 @@ def predictive_uncertainty(
         beta, batch, num_classes = samples.shape[:3]
         spatial = tuple(samples.shape[3:])
         flat = samples.contiguous().view(beta, batch, num_classes, math.prod(spatial))
-        sigma, pred = ops.mc_uncertainty(flat, correction)
+        sigma, pred = _kernel_ops(name).mc_uncertainty(flat, correction)
         sigma, pred = sigma.view(batch, *spatial), pred.view(batch, *spatial)
     return (sigma, pred) if return_prediction else sigma

@@ -1,0 +1,189 @@
+"""The Triton kernels directly: the class-chunked path on small class counts (several chunks and a
+ragged last chunk), ties and NaN across chunk boundaries, edge values of the pixel weight and the
+logits, bad labels anywhere in the launch, and int64 offsets on a stack beyond 2^31 elements."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, backend_params, device_of, make_case
+
+import uce_fast
+from uce_fast import reference
+
+pytestmark = pytest.mark.parametrize("backend", backend_params(["triton"]))
+
+
+def _ops():
+    from uce_fast.triton import ops
+
+    return ops
+
+
+def _flat(input, target, samples):
+    batch, classes = input.shape[:2]
+    return (input.detach().reshape(batch, classes, -1), target.reshape(batch, -1),
+            samples.reshape(samples.shape[0], batch, classes, -1))
+
+
+def _expected(input, target, samples, weight=None, alpha=3.0, ignore_index=-100,
+              label_smoothing=0.0, correction=1):
+    """float64 reference: (sigma, pred, per-pixel loss, lse)."""
+    sigma, pred = reference.mc_uncertainty(samples.double(), correction)
+    loss = reference.weighted_cross_entropy(
+        input.double(), target, reference.uncertainty_weight(sigma, alpha),
+        weight=None if weight is None else weight.double(), ignore_index=ignore_index,
+        label_smoothing=label_smoothing)
+    return sigma, pred, loss, torch.logsumexp(input.double(), dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("classes", "chunk"), [(19, 4), (13, 8), (3, 2), (40, 16)])
+@pytest.mark.parametrize("beta", [2, 5])
+def test_chunked_path_matches_reference(backend, dtype, classes, chunk, beta):
+    input, target, samples = _flat(*make_case(2, classes, (37,), beta, dtype=dtype,
+                                              device=device_of(backend), seed=classes))
+    weight = torch.rand(classes, generator=torch.Generator().manual_seed(0)).to(input.device)
+    sigma, pred, loss, lse = _expected(input, target, samples, weight=weight,
+                                       label_smoothing=0.1)
+    got_sigma, got_pred = _ops()._mc_uncertainty(samples, 1, chunk_c=chunk)
+    assert torch.equal(got_pred.cpu(), pred.cpu())
+    assert_close(got_sigma, sigma.float(), dtype=torch.float32, scale=5)
+    got_loss, got_lse, _ = _ops()._forward(input, target, samples, None, weight, 3.0, -100, 0.1,
+                                           1, chunk_c=chunk)
+    assert_close(got_loss, loss.float(), dtype=torch.float32, scale=5)
+    assert_close(got_lse, lse.float(), dtype=torch.float32, scale=5)
+
+
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_int64_tile_offsets_give_identical_results(backend, chunk):
+    """The int64 in-tile offsets (used when C·N needs them) on a small problem: bit-identical."""
+    input, target, samples = _flat(*make_case(2, 19, (45,), 3, dtype=torch.bfloat16,
+                                              device=device_of(backend)))
+    weight = torch.rand(19, device=input.device)
+    grad_loss = torch.rand(target.shape, device=input.device)
+    ops = _ops()
+
+    def run(wide):
+        loss, lse, pixel_weight = ops._forward(input, target, samples, None, weight, 2.0, -100,
+                                               0.1, 1, chunk_c=chunk, wide=wide)
+        grad = ops._backward(grad_loss, input, target, lse, pixel_weight, weight, -100, 0.1,
+                             wide=wide)
+        sigma, pred = ops._mc_uncertainty(samples, 1, chunk_c=chunk, wide=wide)
+        return dict(loss=loss, lse=lse, weight=pixel_weight, grad=grad, sigma=sigma, pred=pred)
+
+    narrow, wide = run(False), run(True)
+    for name in narrow:
+        assert torch.equal(narrow[name], wide[name]), name
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_ties_and_nan_across_chunks(backend, chunk):
+    device = device_of(backend)
+    samples = torch.zeros(3, 1, 11, 4, device=device)
+    samples[:, 0, 9, 0] = 2.0
+    samples[:, 0, 2, 0] = 2.0  # pixel 0: tie between classes 2 and 9 (different chunks)
+    samples[:, 0, 7, 1] = 3.0  # pixel 1: a single maximum in the second chunk
+    samples[1, 0, 6, 2] = float("nan")  # pixel 2: NaN in one sample: every mean is NaN
+    samples[0, 0, 10, 3] = float("-inf")  # pixel 3: a -inf logit, class 10 gets p = 0
+    sigma, pred = _ops()._mc_uncertainty(samples, 1, chunk_c=chunk)
+    ref_sigma, ref_pred = reference.mc_uncertainty(samples.double(), 1)
+    assert pred[0].tolist() == ref_pred[0].tolist() == [2, 7, 0, 0]
+    assert_close(sigma, ref_sigma.float(), dtype=torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy: log2(0), 0 * inf
+@pytest.mark.parametrize("alpha", [0.0, 2.0, 3.0, 2.5, -1.0])
+def test_pixel_weight_edge_values(backend, alpha):
+    """(1 + sigma) ** alpha for given sigma, as torch.pow: negative bases, 0, inf, NaN."""
+    device = device_of(backend)
+    sigma = torch.tensor([[0.0, 0.3, -1.0, -3.0, -2.5, float("inf"), float("nan"), 1e-30]],
+                         device=device)
+    input = torch.zeros(1, 2, sigma.shape[1], device=device)
+    target = torch.zeros(1, sigma.shape[1], dtype=torch.int64, device=device)
+    _, _, pixel_weight = _ops()._forward(input, target, None, sigma, None, alpha, -100, 0.0, 1)
+    expected = (1.0 + sigma.double()).pow(alpha)
+    assert_close(pixel_weight, expected.float(), dtype=torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy: 0 * inf
+def test_infinite_logits(backend):
+    """A -inf logit: an infinite loss where it is the target, or with any label smoothing."""
+    device = device_of(backend)
+    input = torch.randn(1, 4, 6, device=device)
+    input[0, 1] = float("-inf")
+    target = torch.tensor([[0, 1, 2, 3, 1, -100]], device=device)
+    sigma = torch.rand(1, 6, device=device)
+    for label_smoothing in (0.0, 0.2):
+        loss, lse, _ = _ops()._forward(input, target, None, sigma, None, 2.0, -100,
+                                       label_smoothing, 1)
+        expected = reference.weighted_cross_entropy(
+            input, target, reference.uncertainty_weight(sigma, 2.0),
+            label_smoothing=label_smoothing)
+        assert_close(loss, expected, msg=f"label_smoothing={label_smoothing}")
+        assert_close(lse, torch.logsumexp(input, dim=1))
+    # label_smoothing=1: the hard term's factor is exactly 0 and is dropped (not 0 * inf = NaN).
+    loss, _, _ = _ops()._forward(input, target, None, sigma, None, 2.0, -100, 1.0, 1)
+    assert loss[0].tolist()[:5] == [float("inf")] * 5 and loss[0, 5] == 0
+
+
+@pytest.mark.parametrize("position", ["first", "last", "middle"])
+def test_bad_label_anywhere(backend, position):
+    input, target, samples = _flat(*make_case(3, 5, (301,), 2, device=device_of(backend)))
+    index = {"first": (0, 0), "last": (2, 300), "middle": (1, 150)}[position]
+    target[index] = 7
+    with pytest.raises(ValueError, match=r"target contains label 7, outside \[0, 5\) and not "
+                                         r"ignore_index \(-100\)"):
+        _ops()._forward(input, target, samples, None, None, 1.0, -100, 0.0, 1)
+
+
+def test_backward_ignored_pixels_get_zero_even_for_inf_grad(backend):
+    device = device_of(backend)
+    input, target, samples = _flat(*make_case(2, 6, (9,), 3, device=device, ignore_frac=0.5))
+    weight = torch.rand(6, device=device) + 0.5
+    _, lse, pixel_weight = _ops()._forward(input, target, samples, None, weight, 2.0, -100, 0.1,
+                                           1)
+    grad_loss = torch.full(target.shape, float("inf"), device=device)
+    grad_loss[target != -100] = 1.0
+    grad = _ops()._backward(grad_loss, input, target, lse, pixel_weight, weight, -100, 0.1)
+    ignored = (target == -100).unsqueeze(1).expand_as(grad)
+    assert torch.count_nonzero(grad[ignored]) == 0
+    assert torch.isfinite(grad[~ignored]).all()
+
+
+def _tail_matches_reference(backend, batch, classes, pixels, beta, dtype, tail):
+    """uce_loss and its gradient on a (batch, classes, pixels) problem; the last ``tail`` pixels
+    (the largest offsets) compared with the reference run on just those pixels."""
+    device = device_of(backend)
+    gen = torch.Generator(device=device).manual_seed(0)
+    input = torch.empty(batch, classes, pixels, device=device, dtype=dtype).normal_(generator=gen)
+    samples = torch.empty(beta, batch, classes, pixels, device=device, dtype=dtype)
+    samples.normal_(generator=gen)
+    target = torch.randint(0, classes, (batch, pixels), device=device, generator=gen)
+    input.requires_grad_(True)
+    options = dict(alpha=4.0, ignore_index=-100, reduction="none", backend=backend)
+    loss = uce_fast.uce_loss(input, target, samples, **options)
+    (grad,) = torch.autograd.grad(loss.sum(), input)
+    tail_input = input.detach()[-1:, :, -tail:].clone().requires_grad_(True)
+    ref = uce_fast.uce_loss(tail_input.float(), target[-1:, -tail:],
+                            samples[:, -1:, :, -tail:].float(), **{**options, "backend": "torch"})
+    (ref_grad,) = torch.autograd.grad(ref.sum(), tail_input)
+    assert_close(loss[-1:, -tail:], ref, msg="per-pixel loss at the largest offsets")
+    assert_close(grad[-1:, :, -tail:], ref_grad, msg="gradient at the largest offsets")
+
+
+def test_tail_pixels_small(backend):
+    """The large-offset check below, on a size the interpreter runs (checks the check)."""
+    _tail_matches_reference(backend, 2, 7, 1000, 2, torch.float32, 64)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device with ~25 GB free")
+def test_offsets_beyond_int32(backend):
+    """input of 2^31 + 8·1001 elements (bf16, 4.3 GB), a stack twice that: the offsets of the
+    last class rows and of the second sample exceed int32. About 25 GB in all (inputs, gradient,
+    per-pixel outputs)."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 32 * 2**30:
+        pytest.skip(f"needs ~25 GB of free GPU memory, {free / 2**30:.0f} GiB free")
+    _tail_matches_reference(backend, 1, 8, 2**28 + 1001, 2, torch.bfloat16, 512)
