@@ -1,0 +1,180 @@
+"""Training-harness engine: MC sampling keeps BatchNorm statistics, the parity check, evaluation."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import uce_fast  # noqa: E402
+from train.engine import (  # noqa: E402
+    draw_mc_samples,
+    evaluate,
+    init_batchnorm_statistics,
+    mc_dropout_mode,
+    parity_check,
+)
+from train.models import build_model  # noqa: E402
+
+
+def _model(dropout: float = 0.3) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model(5, "resnet18", dropout=dropout, width=8, decoder_channels=16,
+                        skip_channels=8, atrous_rates=(1, 2, 3))
+    with torch.no_grad():  # non-trivial running statistics
+        model.train()
+        model(torch.randn(2, 3, 32, 32))
+    return model
+
+
+def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if "running" in k or "num_batches_tracked" in k}
+
+
+def test_sample_passes_leave_batchnorm_statistics_unchanged():
+    model = _model()
+    model.train()
+    before = _bn_buffers(model)
+    x = torch.randn(2, 3, 32, 32)
+    samples = draw_mc_samples(model, x, 4)
+    assert samples.shape == (4, 2, 5, 32, 32) and not samples.requires_grad
+    after = _bn_buffers(model)
+    assert before.keys() == after.keys() and len(before) > 0
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert not torch.allclose(samples[0], samples[1])  # dropout is active
+    assert model.training and all(m.training for m in model.modules())  # modes restored
+
+
+def test_bn_update_in_samples_option_changes_statistics():
+    model = _model()
+    before = _bn_buffers(model)
+    draw_mc_samples(model, torch.randn(2, 3, 32, 32), 3, bn="update")
+    after = _bn_buffers(model)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any(k.endswith("running_mean") for k in changed)
+    assert int(after["encoder.bn1.num_batches_tracked"]) == int(
+        before["encoder.bn1.num_batches_tracked"]) + 3
+
+
+def test_batch_statistics_mode_matches_the_training_pass_without_updating():
+    model = _model()
+    before = _bn_buffers(model)
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(5)
+    samples = draw_mc_samples(model, x, 2, bn="batch")
+    assert all(torch.equal(v, _bn_buffers(model)[k]) for k, v in before.items())
+    assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        train_pass = model.train()(x)  # same dropout masks, batch statistics
+    torch.testing.assert_close(samples[0], train_pass)
+    with pytest.raises(ValueError, match="bn must be one of"):
+        draw_mc_samples(model, x, 2, bn="frozen")
+
+
+def test_mc_mode_uses_running_statistics_and_restores_eval_mode():
+    model = _model(dropout=0.0)
+    model.eval()
+    bn = model.encoder.bn1
+    with mc_dropout_mode(model):
+        assert not bn.training and model.encoder.dropout.training
+        assert model.decoder.aspp[0].project[-1].training  # the ASPP Dropout(0.5) too
+    assert not model.training and not any(m.training for m in model.modules())
+    # BatchNorm in eval mode: the encoder (dropout 0) is deterministic during sampling
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), mc_dropout_mode(model):
+        a, b = model.encoder(x)[1], model.encoder(x)[1]
+        ref = model.encoder.eval()(x)[1]
+    assert torch.equal(a, b) and torch.equal(a, ref)
+
+
+def test_init_batchnorm_statistics_sets_only_fresh_layers_exactly():
+    torch.manual_seed(0)
+    model = build_model(5, "resnet18", dropout=0.3, width=8, decoder_channels=16,
+                        skip_channels=8, atrous_rates=(1, 2, 3))
+    model.eval()
+    kept = model.decoder.block1[1]
+    with torch.no_grad():
+        kept.running_mean.fill_(0.5)  # e.g. pretrained statistics
+    batches = [torch.randn(2, 3, 32, 32) for _ in range(3)]
+    layers, used = init_batchnorm_statistics(model, batches)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert used == 3 and layers == len(bns) - 1
+    assert torch.equal(kept.running_mean, torch.full_like(kept.running_mean, 0.5))
+    assert int(kept.num_batches_tracked) == 0
+    assert all(m.momentum == 0.1 for m in bns) and not model.training
+    # the first BatchNorm sees conv1's output: its mean is the exact average over the batches
+    with torch.no_grad():
+        expected = torch.stack([model.encoder.conv1(x).mean((0, 2, 3)) for x in batches]).mean(0)
+    torch.testing.assert_close(model.encoder.bn1.running_mean, expected)
+    assert int(model.encoder.bn1.num_batches_tracked) == 3
+    assert init_batchnorm_statistics(model, batches) == (0, 0)  # nothing fresh any more
+
+
+def _uce_case(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 6, 7, generator=g).to(dtype).requires_grad_(True)
+    samples = (logits.detach().float() + 0.5 * torch.randn(4, 2, 5, 6, 7, generator=g)).to(dtype)
+    target = torch.randint(0, 5, (2, 6, 7), generator=g)
+    target[0, 0] = 255
+    return logits, samples, target
+
+
+@pytest.mark.parametrize("backend", uce_fast.available_backends())
+def test_parity_check_passes_for_every_backend(backend):
+    logits, samples, target = _uce_case()
+    loss = uce_fast.uce_loss(logits, target, samples, alpha=10.0, ignore_index=255,
+                             backend=backend)
+    loss.backward()
+    result = parity_check(loss, logits, logits.grad, target, samples, alpha=10.0,
+                          ignore_index=255)
+    assert result.ok and result.loss_rel < 1e-5 and result.grad_rel < 1e-5
+    assert result.tol == 1e-4
+
+
+def test_parity_check_with_grad_scale_and_low_precision():
+    logits, samples, target = _uce_case(torch.bfloat16)
+    loss = uce_fast.uce_loss(logits, target, samples, alpha=10.0, ignore_index=255)
+    (loss * 1024.0).backward()
+    result = parity_check(loss, logits, logits.grad, target, samples, alpha=10.0,
+                          ignore_index=255, grad_scale=1024.0)
+    assert result.ok and result.tol == 1e-2 and result.dtype == "bfloat16"
+
+
+def test_parity_check_detects_differences():
+    logits, samples, target = _uce_case()
+    loss = uce_fast.uce_loss(logits, target, samples, alpha=10.0, ignore_index=255)
+    loss.backward()
+    grad = logits.grad.clone()
+    grad.view(-1)[7] += 1e-3 * grad.abs().max()
+    bad_grad = parity_check(loss, logits, grad, target, samples, alpha=10.0, ignore_index=255)
+    assert not bad_grad.ok and bad_grad.grad_rel == pytest.approx(1e-3, rel=1e-2)
+    bad_loss = parity_check(loss * (1 + 1e-3), logits, logits.grad, target, samples,
+                            alpha=10.0, ignore_index=255)
+    assert not bad_loss.ok and "tolerance 0.0001" in bad_loss.describe()
+    assert parity_check(loss * (1 + 1e-3), logits, logits.grad, target, samples, alpha=10.0,
+                        ignore_index=255, tol=1e-2).ok
+
+
+def test_evaluate_is_reproducible_and_isolated_from_training_rng():
+    model = _model()
+    model.train()
+    data = [(torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32))) for _ in range(2)]
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = evaluate(model, data, 5, device=torch.device("cpu"), mc_samples=3, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)  # training RNG untouched
+    b = evaluate(model, data, 5, device=torch.device("cpu"), mc_samples=3, seed=7)
+    assert a == b and a["mUnc"] is not None and 0 <= a["mIoU"] <= 1
+    assert model.training
+    c = evaluate(model, data, 5, device=torch.device("cpu"), mc_samples=0)
+    assert c["mUnc"] is None and model.training

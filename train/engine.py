@@ -1,0 +1,256 @@
+"""Monte-Carlo sampling, the loss, the parity check against the reference, and evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import uce_fast
+from train.metrics import SegmentationMetrics
+
+__all__ = [
+    "SAMPLE_BN_MODES",
+    "ParityResult",
+    "amp_context",
+    "compute_loss",
+    "default_check_tolerance",
+    "draw_mc_samples",
+    "evaluate",
+    "init_batchnorm_statistics",
+    "mc_dropout_mode",
+    "parity_check",
+]
+
+
+def amp_context(device: torch.device, amp: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of autocast contexts for ``amp`` in {"off", "bf16", "fp16"}."""
+    if amp == "off":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+#: BatchNorm behaviour during the MC sample passes (see ``mc_dropout_mode``).
+SAMPLE_BN_MODES = ("running", "batch", "update")
+
+
+@contextlib.contextmanager
+def mc_dropout_mode(model: nn.Module, bn: str = "running") -> Iterator[None]:
+    """Dropout active; BatchNorm per ``bn``; every module's mode and flag restored on exit.
+
+    * ``"running"`` (default): BatchNorm in eval mode, normalising with its running statistics,
+      which are neither updated nor otherwise touched.
+    * ``"batch"``: BatchNorm normalises with the statistics of the current batch, as in the
+      training forward pass, without updating the running statistics.
+    * ``"update"``: BatchNorm in train mode, updating its running statistics on every pass (the
+      official code's behaviour, which skews them towards the sample passes).
+    """
+    if bn not in SAMPLE_BN_MODES:
+        raise ValueError(f"bn must be one of {SAMPLE_BN_MODES}, got {bn!r}")
+    modes = [(m, m.training) for m in model.modules()]
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracking = [m.track_running_stats for m in norms]
+    model.train()
+    for m in norms:
+        if bn == "running":
+            m.eval()
+        elif bn == "batch":
+            m.track_running_stats = False  # train mode: batch statistics, no update
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for m, track in zip(norms, tracking, strict=True):
+            m.track_running_stats = track
+
+
+@torch.no_grad()
+def draw_mc_samples(model: nn.Module, images: Tensor, beta: int, *, bn: str = "running",
+                    autocast: Callable[[], contextlib.AbstractContextManager]
+                    = contextlib.nullcontext) -> Tensor:
+    """Logits of ``beta`` stochastic (MC-dropout) forward passes, stacked: (β, B, C, H, W).
+
+    Runs without gradient, dropout on, BatchNorm per ``mc_dropout_mode(model, bn)``. The stack
+    keeps the logits' dtype (the autocast dtype under AMP). This is the one place the samples are
+    produced, so a streaming consumer can replace it.
+    """
+    with mc_dropout_mode(model, bn), autocast():
+        first = model(images)
+        samples = first.new_empty((beta, *first.shape))
+        samples[0] = first
+        del first
+        for i in range(1, beta):
+            samples[i] = model(images)
+    return samples
+
+
+@torch.no_grad()
+def init_batchnorm_statistics(model: nn.Module, batches: Iterable[Tensor], *,
+                              autocast: Callable[[], contextlib.AbstractContextManager]
+                              = contextlib.nullcontext) -> tuple[int, int]:
+    """Set the running statistics of untouched BatchNorm layers from ``batches``.
+
+    The MC sample passes run BatchNorm in eval mode, i.e. on its running statistics. A freshly
+    initialised layer has mean 0 and variance 1 there, which for the first steps of a run from
+    scratch makes the samples, sigma and hence the U-CE weights meaningless (and large enough to
+    wreck the run). This sets the statistics of every layer still at that initial state to the
+    exact average over ``batches`` (forward passes in train mode, no gradient, no parameter
+    change); layers with statistics (e.g. from ImageNet weights) are left alone and run in eval
+    mode meanwhile. Training itself is unchanged: its forward passes use batch statistics.
+
+    Returns ``(layers initialised, batches used)``.
+    """
+    fresh = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+             and m.running_mean is not None and int(m.num_batches_tracked) == 0
+             and bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all())]
+    if not fresh:
+        return 0, 0
+    modes = [(m, m.training) for m in model.modules()]
+    momenta = [m.momentum for m in fresh]
+    model.train()
+    fresh_ids = {id(m) for m in fresh}
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in fresh_ids:
+            m.eval()
+    for m in fresh:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    used = 0
+    try:
+        with autocast():
+            for images in batches:
+                model(images)
+                used += 1
+    finally:
+        for m, momentum in zip(fresh, momenta, strict=True):
+            m.momentum = momentum
+        for m, mode in modes:
+            m.training = mode
+    return len(fresh), used
+
+
+def default_check_tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance of the parity check for logits of ``dtype``.
+
+    Both backends compute in float32 from the same inputs, so float32 results differ by rounding
+    only (~1e-6); low-precision gradients may differ by one rounding of their own dtype.
+    """
+    return {torch.float16: 4e-3, torch.bfloat16: 1e-2}.get(dtype, 1e-4)
+
+
+@dataclass
+class ParityResult:
+    loss: float
+    loss_ref: float
+    loss_abs: float
+    loss_rel: float
+    grad_abs: float
+    grad_rel: float
+    tol: float
+    dtype: str
+    ok: bool
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (f"loss {self.loss:.8g} vs reference {self.loss_ref:.8g} (abs {self.loss_abs:.3g}, "
+                f"rel {self.loss_rel:.3g}); logits gradient max abs diff {self.grad_abs:.3g}, "
+                f"rel {self.grad_rel:.3g} (of max |grad|); tolerance {self.tol:g} ({self.dtype})")
+
+
+def parity_check(loss: Tensor, logits: Tensor, logits_grad: Tensor, target: Tensor,
+                 samples: Tensor, *, alpha: float, ignore_index: int, grad_scale: float = 1.0,
+                 tol: float | None = None) -> ParityResult:
+    """Recompute U-CE and its logits gradient with ``backend="torch"`` and compare.
+
+    ``loss`` and ``logits_grad`` are what the training step got from the configured backend;
+    ``logits_grad`` is the gradient of ``loss * grad_scale`` (the GradScaler's scale, 1 without
+    one), so the reference gradient is taken of the scaled reference loss too: both are then the
+    same rounding of the same quantity. The gradient difference is relative to max |reference|.
+    """
+    ref_in = logits.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        ref = uce_fast.uce_loss(ref_in, target, samples, alpha=alpha, ignore_index=ignore_index,
+                                backend="torch")
+        (ref_grad,) = torch.autograd.grad(ref * grad_scale, ref_in)
+    tol = default_check_tolerance(logits.dtype) if tol is None else tol
+    value, ref_value = float(loss.detach()), float(ref.detach())
+    loss_abs = abs(value - ref_value)
+    loss_rel = loss_abs / max(abs(ref_value), 1e-30)
+    diff = (logits_grad.float() - ref_grad.float()).abs()
+    grad_abs = float(diff.max()) if diff.numel() else 0.0
+    scale = float(ref_grad.float().abs().max()) if diff.numel() else 0.0
+    grad_rel = grad_abs / scale if scale > 0 else grad_abs
+    if grad_scale != 1.0:
+        grad_abs /= grad_scale
+    ok = (math.isfinite(value) and math.isfinite(grad_rel) and loss_rel <= tol
+          and grad_rel <= tol)
+    return ParityResult(value, ref_value, loss_abs, loss_rel, grad_abs, grad_rel, tol,
+                        str(logits.dtype).replace("torch.", ""), ok)
+
+
+def compute_loss(kind: str, criterion: nn.Module | None, logits: Tensor, target: Tensor,
+                 samples: Tensor | None, ignore_index: int) -> Tensor:
+    """CE (``F.cross_entropy`` in float32, as ``nn.CrossEntropyLoss``) or U-CE (``criterion``)."""
+    if kind == "ce":
+        return F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
+    assert criterion is not None and samples is not None
+    return criterion(logits, target, samples)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, num_classes: int, *,
+             device: torch.device, mc_samples: int = 0, ignore_index: int = 255,
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+             seed: int = 0, on_batch: Callable[..., None] | None = None) -> dict[str, object]:
+    """Metrics over this rank's share of ``loader``, summed over all ranks.
+
+    With ``mc_samples >= 2`` the prediction is the argmax of the mean softmax of that many
+    MC-dropout passes (BatchNorm in eval mode) and sigma is U-CE's predictive uncertainty
+    (``uce_fast.predictive_uncertainty``); otherwise one deterministic pass in eval mode.
+    Dropout masks come from a forked RNG seeded with ``seed``, so evaluation neither depends on
+    nor disturbs the training RNG. ``on_batch(images, labels, pred, uncertainty)`` is called for
+    each batch (for panels).
+    """
+    metrics = SegmentationMetrics(num_classes, ignore_index, device=device)
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    was_training = model.training
+    with torch.random.fork_rng(devices=cuda, device_type=device.type if cuda else "cuda"):
+        torch.manual_seed(seed)
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            if mc_samples >= 2:
+                samples = draw_mc_samples(model, images, mc_samples, autocast=autocast)
+                sigma, pred = uce_fast.predictive_uncertainty(samples, return_prediction=True)
+                probs = torch.zeros(samples.shape[1:], dtype=torch.float32, device=device)
+                for s in samples:
+                    probs += torch.softmax(s.float(), dim=1)
+                probs /= mc_samples
+                del samples
+                conf = probs.gather(1, pred.unsqueeze(1)).squeeze(1)
+                uncertainty = sigma
+            else:
+                model.eval()
+                try:
+                    with autocast():
+                        logits = model(images)
+                finally:
+                    model.train(was_training)
+                conf, pred = torch.softmax(logits.float(), dim=1).max(dim=1)
+                sigma = None
+                uncertainty = 1.0 - conf
+            metrics.update(pred, labels, conf, sigma)
+            if on_batch is not None:
+                on_batch(images, labels, pred, uncertainty)
+    metrics.all_reduce()
+    return metrics.compute()
