@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from uce_fast import _opglue
+
 __all__ = ["NATIVE_IMPORT_ERROR", "mc_uncertainty", "native_devices", "uce_forward"]
 
 NATIVE_IMPORT_ERROR: Exception | None = None
@@ -75,43 +77,13 @@ def mc_uncertainty(samples: Tensor, correction: int) -> tuple[Tensor, Tensor]:
 
 
 def _register() -> None:
-    @torch.library.register_fake("uce_fast::uce_forward")
-    def _uce_forward_fake(input, target, samples, sigma, weight, alpha, ignore_index,
-                          label_smoothing, correction):
-        batch, _, pixels = input.shape
-        loss = input.new_empty((batch, pixels), dtype=torch.float32)
-        return loss, torch.empty_like(loss), torch.empty_like(loss)
-
-    @torch.library.register_fake("uce_fast::uce_backward")
-    def _uce_backward_fake(grad_loss, input, target, lse, pixel_weight, weight, ignore_index,
-                           label_smoothing):
-        return torch.empty_like(input, memory_format=torch.contiguous_format)
-
-    @torch.library.register_fake("uce_fast::mc_uncertainty")
-    def _mc_uncertainty_fake(samples, correction):
-        _, batch, _, pixels = samples.shape
-        sigma = samples.new_empty((batch, pixels), dtype=torch.float32)
-        return sigma, samples.new_empty((batch, pixels), dtype=torch.int64)
-
-    def _setup_context(ctx, inputs, output):
-        input, target, _samples, _sigma, weight, _alpha, ignore_index, label_smoothing, _c = inputs
-        _, lse, pixel_weight = output
-        ctx.save_for_backward(input, target, lse, pixel_weight, weight)
-        ctx.ignore_index = ignore_index
-        ctx.label_smoothing = label_smoothing
-
-    def _backward(ctx, grad_loss, _grad_lse, _grad_pixel_weight):
-        input, target, lse, pixel_weight, weight = ctx.saved_tensors
-        grad_input = None
-        if ctx.needs_input_grad[0]:
-            grad_input = torch.ops.uce_fast.uce_backward(
-                grad_loss.float(), input, target, lse, pixel_weight, weight,
-                ctx.ignore_index, ctx.label_smoothing,
-            )
-        return grad_input, None, None, None, None, None, None, None, None
-
+    torch.library.register_fake("uce_fast::uce_forward", _opglue.uce_forward_fake)
+    torch.library.register_fake("uce_fast::uce_backward", _opglue.uce_backward_fake)
+    torch.library.register_fake("uce_fast::mc_uncertainty", _opglue.mc_uncertainty_fake)
     torch.library.register_autograd(
-        "uce_fast::uce_forward", _backward, setup_context=_setup_context
+        "uce_fast::uce_forward",
+        _opglue.uce_backward_formula(torch.ops.uce_fast.uce_backward),
+        setup_context=_opglue.setup_context,
     )
 
 

@@ -29,6 +29,7 @@ import torch
 import triton
 from torch import Tensor
 
+from uce_fast import _opglue
 from uce_fast.triton import kernels
 
 __all__ = ["INTERPRET", "mc_uncertainty", "uce_forward"]
@@ -284,47 +285,11 @@ triton_mc_uncertainty = torch.library.custom_op(
     "uce_fast::triton_mc_uncertainty", _mc_uncertainty, mutates_args=(), schema=_MC_SCHEMA)
 
 
-@triton_uce_forward.register_fake
-def _uce_forward_fake(input, target, samples, sigma, weight, alpha, ignore_index,
-                      label_smoothing, correction):
-    batch, _, pixels = input.shape
-    loss = input.new_empty((batch, pixels), dtype=torch.float32)
-    return loss, torch.empty_like(loss), torch.empty_like(loss)
-
-
-@triton_uce_backward.register_fake
-def _uce_backward_fake(grad_loss, input, target, lse, pixel_weight, weight, ignore_index,
-                       label_smoothing):
-    return torch.empty_like(input, memory_format=torch.contiguous_format)
-
-
-@triton_mc_uncertainty.register_fake
-def _mc_uncertainty_fake(samples, correction):
-    _, batch, _, pixels = samples.shape
-    sigma = samples.new_empty((batch, pixels), dtype=torch.float32)
-    return sigma, samples.new_empty((batch, pixels), dtype=torch.int64)
-
-
-def _setup_context(ctx, inputs, output):
-    input, target, _samples, _sigma, weight, _alpha, ignore_index, label_smoothing, _c = inputs
-    _, lse, pixel_weight = output
-    ctx.save_for_backward(input, target, lse, pixel_weight, weight)
-    ctx.ignore_index = ignore_index
-    ctx.label_smoothing = label_smoothing
-
-
-def _uce_backward_formula(ctx, grad_loss, _grad_lse, _grad_pixel_weight):
-    input, target, lse, pixel_weight, weight = ctx.saved_tensors
-    grad_input = None
-    if ctx.needs_input_grad[0]:
-        grad_input = torch.ops.uce_fast.triton_uce_backward(
-            grad_loss.float(), input, target, lse, pixel_weight, weight,
-            ctx.ignore_index, ctx.label_smoothing,
-        )
-    return grad_input, None, None, None, None, None, None, None, None
-
-
-triton_uce_forward.register_autograd(_uce_backward_formula, setup_context=_setup_context)
+triton_uce_forward.register_fake(_opglue.uce_forward_fake)
+triton_uce_backward.register_fake(_opglue.uce_backward_fake)
+triton_mc_uncertainty.register_fake(_opglue.mc_uncertainty_fake)
+triton_uce_forward.register_autograd(_opglue.uce_backward_formula(triton_uce_backward),
+                                     setup_context=_opglue.setup_context)
 
 
 def _mark_constant(ctx, inputs, output):

@@ -1,0 +1,58 @@
+"""What every kernel backend's ops share: fake (meta) kernels and the autograd formula.
+
+The compiled ops (``uce_fast.ops``) and the Triton ops (``uce_fast.triton.ops``) have the same
+argument contract (see ``uce_fast.ops``), so their fake kernels and their autograd glue are the
+same code; only the backward op differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def uce_forward_fake(input, target, samples, sigma, weight, alpha, ignore_index,
+                     label_smoothing, correction):
+    """(loss, lse, pixel_weight): float32 (B, N) each, for input (B, C, N)."""
+    batch, _, pixels = input.shape
+    loss = input.new_empty((batch, pixels), dtype=torch.float32)
+    return loss, torch.empty_like(loss), torch.empty_like(loss)
+
+
+def uce_backward_fake(grad_loss, input, target, lse, pixel_weight, weight, ignore_index,
+                      label_smoothing):
+    """grad_input: contiguous, shape and dtype of input."""
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+def mc_uncertainty_fake(samples, correction):
+    """(sigma float32, pred int64), each (B, N), for samples (β, B, C, N)."""
+    _, batch, _, pixels = samples.shape
+    sigma = samples.new_empty((batch, pixels), dtype=torch.float32)
+    return sigma, samples.new_empty((batch, pixels), dtype=torch.int64)
+
+
+def setup_context(ctx, inputs, output):
+    """Saves what the U-CE backward reads: input, target, lse, pixel weight, class weight."""
+    input, target, _samples, _sigma, weight, _alpha, ignore_index, label_smoothing, _c = inputs
+    _, lse, pixel_weight = output
+    ctx.save_for_backward(input, target, lse, pixel_weight, weight)
+    ctx.ignore_index = ignore_index
+    ctx.label_smoothing = label_smoothing
+
+
+def uce_backward_formula(backward_op: Callable) -> Callable:
+    """The ``register_autograd`` backward (with :func:`setup_context`) of a U-CE forward op whose
+    gradient w.r.t. ``input`` is ``backward_op`` (it reads the saved per-pixel lse and weight,
+    never the stack)."""
+
+    def backward(ctx, grad_loss, _grad_lse, _grad_pixel_weight):
+        input, target, lse, pixel_weight, weight = ctx.saved_tensors
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            grad_input = backward_op(grad_loss.float(), input, target, lse, pixel_weight, weight,
+                                     ctx.ignore_index, ctx.label_smoothing)
+        return grad_input, None, None, None, None, None, None, None, None
+
+    return backward
