@@ -17,6 +17,20 @@ TORCH_LIBRARY(uce_fast, m) {
       "float label_smoothing) -> Tensor");
   // (sigma float32 (B, N), pred int64 (B, N)).
   m.def("mc_uncertainty(Tensor samples, int correction) -> (Tensor, Tensor)");
+  // Streaming Monte-Carlo statistics (contract in uce_fast/ops.py): fold
+  // samples (S, B, C, in_h*in_w), bilinearly upsampled to out_h x out_w on the
+  // fly, into the float32 state mean/m2 (B, C, N) and entropy (B, N) in place.
+  m.def(
+      "mc_accumulate_(Tensor(a!) mean, Tensor(b!) m2, Tensor(c!) entropy, "
+      "Tensor samples, int count, int in_h, int in_w, int out_h, int out_w, "
+      "bool align_corners) -> ()");
+  // (sigma f32 (B, N), pred int64 (B, N), entropy f32 (B, N) | (0,),
+  //  mutual_info f32 (B, N) | (0,), mean_probs f32 (B, C, N) | (0,)).
+  m.def(
+      "mc_reduce(Tensor? samples, Tensor? mean, Tensor? m2, Tensor? entropy, "
+      "int count, int in_h, int in_w, int out_h, int out_w, bool align_corners, "
+      "int correction, bool want_probs, bool want_entropy) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // Not differentiable: the backward op (no double backward through the loss)
@@ -26,6 +40,8 @@ TORCH_LIBRARY(uce_fast, m) {
 TORCH_LIBRARY_IMPL(uce_fast, Autograd, m) {
   m.impl("uce_backward", torch::CppFunction::makeFallthrough());
   m.impl("mc_uncertainty", torch::CppFunction::makeFallthrough());
+  m.impl("mc_accumulate_", torch::CppFunction::makeFallthrough());
+  m.impl("mc_reduce", torch::CppFunction::makeFallthrough());
 }
 
 namespace uce_cpu {

@@ -117,3 +117,27 @@ def test_double_backward_fails_loudly(backend):
     assert not grad.requires_grad
     with pytest.raises(RuntimeError, match="does not require grad"):
         grad.sum().backward()
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sizes", [((1, 15), (1, 15)), ((3, 5), (7, 9)), ((4, 4), (2, 3))],
+                         ids=["same", "up", "down"])
+def test_opcheck_mc_accumulate_and_mc_reduce(backend, dtype, sizes):
+    device = device_of(backend)
+    (in_h, in_w), (out_h, out_w) = sizes
+    samples = torch.randn(3, 2, 5, in_h * in_w, device=device).to(dtype)
+    state = (torch.rand(2, 5, out_h * out_w, device=device),
+             torch.rand(2, 5, out_h * out_w, device=device),
+             torch.rand(2, out_h * out_w, device=device))
+    torch.library.opcheck(_op(backend, "mc_accumulate_").default,
+                          (*state, samples, 2, in_h, in_w, out_h, out_w, True))
+    for want in (False, True):
+        torch.library.opcheck(_op(backend, "mc_reduce").default,
+                              (samples, *state, 2, in_h, in_w, out_h, out_w, False, 1, want,
+                               want))
+        torch.library.opcheck(_op(backend, "mc_reduce").default,
+                              (samples, None, None, None, 0, in_h, in_w, out_h, out_w, True, 1,
+                               want, not want))
+    torch.library.opcheck(_op(backend, "mc_reduce").default,
+                          (None, *state, 4, in_h, in_w, out_h, out_w, False, 1, True, True))

@@ -1,7 +1,19 @@
 """uce_fast: fused kernels for U-CE, the uncertainty-aware cross-entropy for segmentation."""
 
-from uce_fast.functional import available_backends, predictive_uncertainty, uce_loss
+from uce_fast.accumulator import MCAccumulator, MCStats
+from uce_fast.functional import available_backends, mc_stats, predictive_uncertainty, uce_loss
 from uce_fast.modules import UCELoss
+from uce_fast.sampling import mc_dropout, mc_sample
 
-__all__ = ["UCELoss", "available_backends", "predictive_uncertainty", "uce_loss"]
+__all__ = [
+    "MCAccumulator",
+    "MCStats",
+    "UCELoss",
+    "available_backends",
+    "mc_dropout",
+    "mc_sample",
+    "mc_stats",
+    "predictive_uncertainty",
+    "uce_loss",
+]
 __version__ = "0.1.0"

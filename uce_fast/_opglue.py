@@ -33,6 +33,27 @@ def mc_uncertainty_fake(samples, correction):
     return sigma, samples.new_empty((batch, pixels), dtype=torch.int64)
 
 
+def mc_accumulate_fake(mean, m2, entropy, samples, count, in_h, in_w, out_h, out_w,
+                       align_corners):
+    """In place on ``mean``, ``m2``, ``entropy``; returns nothing."""
+    return None
+
+
+def mc_reduce_fake(samples, mean, m2, entropy, count, in_h, in_w, out_h, out_w, align_corners,
+                   correction, want_probs, want_entropy):
+    """(sigma f32, pred int64, entropy f32, mutual_info f32) (B, N) each, mean_probs f32
+    (B, C, N); the entropy pair and mean_probs are empty (0,) unless asked for."""
+    ref = samples if samples is not None else mean
+    batch, classes = ref.shape[-3], ref.shape[-2]
+    pixels = out_h * out_w
+    sigma = ref.new_empty((batch, pixels), dtype=torch.float32)
+    pred = ref.new_empty((batch, pixels), dtype=torch.int64)
+    maps = (batch, pixels) if want_entropy else (0,)
+    probs = (batch, classes, pixels) if want_probs else (0,)
+    return (sigma, pred, ref.new_empty(maps, dtype=torch.float32),
+            ref.new_empty(maps, dtype=torch.float32), ref.new_empty(probs, dtype=torch.float32))
+
+
 def setup_context(ctx, inputs, output):
     """Saves what the U-CE backward reads: input, target, lse, pixel weight, class weight."""
     input, target, _samples, _sigma, weight, _alpha, ignore_index, label_smoothing, _c = inputs

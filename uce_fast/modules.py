@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from uce_fast.accumulator import MCAccumulator
 from uce_fast.functional import uce_loss
 
 __all__ = ["UCELoss"]
@@ -14,12 +15,14 @@ class UCELoss(nn.Module):
 
     Options are those of :func:`uce_fast.uce_loss` (``alpha=10``, ``ignore_index=-100``,
     ``reduction="mean"``, ``weight=None``, ``label_smoothing=0``, ``avg_non_ignore=True``,
-    ``correction=1``, ``backend="auto"``). ``weight`` is kept as a buffer, so ``.to(device)``
-    moves it with the module.
+    ``correction=1``, ``backend="auto"``, ``align_corners=False``). ``weight`` is kept as a
+    buffer, so ``.to(device)`` moves it with the module.
 
     ``forward(input, target, samples=None, *, sigma=None)``: ``input`` (B, C, *spatial) logits,
-    ``target`` (B, *spatial) int64, and exactly one of ``samples`` (β, B, C, *spatial) or ``sigma``
-    (B, *spatial). Returns the float32 loss (scalar, or (B, *spatial) with ``reduction="none"``).
+    ``target`` (B, *spatial) int64, and exactly one of ``samples`` — a stack (β, B, C, *spatial),
+    a low-resolution stack (β, B, C, h, w) upsampled inside the kernels, or an
+    :class:`~uce_fast.MCAccumulator` — or ``sigma`` (B, *spatial). Returns the float32 loss
+    (scalar, or (B, *spatial) with ``reduction="none"``).
     """
 
     weight: Tensor | None
@@ -34,6 +37,7 @@ class UCELoss(nn.Module):
         avg_non_ignore: bool = True,
         correction: int = 1,
         backend: str = "auto",
+        align_corners: bool = False,
     ) -> None:
         super().__init__()
         self.alpha = alpha
@@ -44,12 +48,13 @@ class UCELoss(nn.Module):
         self.avg_non_ignore = avg_non_ignore
         self.correction = correction
         self.backend = backend
+        self.align_corners = align_corners
 
     def forward(
         self,
         input: Tensor,
         target: Tensor,
-        samples: Tensor | None = None,
+        samples: Tensor | MCAccumulator | None = None,
         *,
         sigma: Tensor | None = None,
     ) -> Tensor:
@@ -66,6 +71,7 @@ class UCELoss(nn.Module):
             avg_non_ignore=self.avg_non_ignore,
             correction=self.correction,
             backend=self.backend,
+            align_corners=self.align_corners,
         )
 
     def extra_repr(self) -> str:

@@ -18,6 +18,41 @@ ignore_index, label_smoothing) -> grad_input`` (B, C, N) in the dtype of ``input
 
 ``uce_fast::mc_uncertainty(samples (β, B, C, N), correction) -> (sigma (B, N) float32,
 pred (B, N) int64)``.
+
+Streaming Monte-Carlo statistics. The state of ``count`` samples is ``mean`` and ``m2`` (B, C, N)
+float32 — mean and sum of squared deviations (Welford's M2) of the softmax probabilities — and
+``entropy`` (B, N) float32, the mean of the samples' entropies ``-Σ_c p log p``. ``samples`` is
+(S, B, C, in_h·in_w) float32/float16/bfloat16; N = out_h·out_w. When (in_h, in_w) differs from
+(out_h, out_w) each sample is upsampled on the fly exactly as ``F.interpolate(mode="bilinear",
+align_corners=align_corners)`` (float32 weights and arithmetic, the value rounded to the samples'
+dtype), see ``source_index`` below; when they are equal it is read as is (any spatial shape,
+flattened, with in_h = out_h = 1).
+
+``uce_fast::mc_accumulate_(mean!, m2!, entropy!, samples, count, in_h, in_w, out_h, out_w,
+align_corners) -> ()`` folds the S samples, in order, into the state in place: for sample s,
+``k = count + s + 1``, ``p = softmax_c(x)``, ``d = p - mean; mean += d / k; m2 += d * (p - mean)``,
+``entropy += (H(p) - entropy) / k``. With ``count == 0`` the state's contents are ignored.
+
+``uce_fast::mc_reduce(samples?, mean?, m2?, entropy?, count, in_h, in_w, out_h, out_w,
+align_corners, correction, want_probs, want_entropy) -> (sigma, pred, entropy, mutual_info,
+mean_probs)`` does the same updates on a copy of the state (zeros when ``count == 0``; samples
+optional) without writing it, then with n = count + S: ``pred`` (B, N) int64 the first argmax of
+``mean`` (NaN counts as the maximum), ``sigma`` (B, N) float32 ``sqrt(m2[pred] / (n -
+correction))``; with ``want_entropy`` the predictive entropy ``H(mean)`` (``0·log 0 = 0``) and the
+mutual information ``max(H(mean) - entropy, 0)`` (NaN propagates), each (B, N) float32, else
+empty (0,) tensors; with ``want_probs`` ``mean`` itself as (B, C, N) float32, else empty (0,).
+
+Bilinear source index along one dim (sizes ``in``/``out``, output coordinate ``o``), float32 with
+each product and sum rounded separately (no fused multiply-add), as ATen's UpSample.h::
+
+    if in == out:  i0 = i1 = o; l1 = 0
+    else:
+        scale = (in - 1) / (out - 1) if align_corners (0 if out == 1) else in / out
+        src = scale * o if align_corners else max(scale * (o + 0.5) - 0.5, 0)
+        i0 = min(floor(src), in - 1); l1 = clamp(src - i0, 0, 1); i1 = i0 + (i0 < in - 1)
+    l0 = 1 - l1
+    value = ((x[i0y, i0x] * l0x + x[i0y, i1x] * l1x) * l0y
+             + (x[i1y, i0x] * l0x + x[i1y, i1x] * l1x) * l1y)
 """
 
 from __future__ import annotations
@@ -27,7 +62,14 @@ from torch import Tensor
 
 from uce_fast import _opglue
 
-__all__ = ["NATIVE_IMPORT_ERROR", "mc_uncertainty", "native_devices", "uce_forward"]
+__all__ = [
+    "NATIVE_IMPORT_ERROR",
+    "mc_accumulate_",
+    "mc_reduce",
+    "mc_uncertainty",
+    "native_devices",
+    "uce_forward",
+]
 
 NATIVE_IMPORT_ERROR: Exception | None = None
 try:
@@ -76,10 +118,29 @@ def mc_uncertainty(samples: Tensor, correction: int) -> tuple[Tensor, Tensor]:
     return torch.ops.uce_fast.mc_uncertainty(samples, correction)
 
 
+def mc_accumulate_(mean: Tensor, m2: Tensor, entropy: Tensor, samples: Tensor, count: int,
+                   in_size: tuple[int, int], out_size: tuple[int, int],
+                   align_corners: bool) -> None:
+    """Folds ``samples`` (S, B, C, in_h·in_w) into the state in place (compiled op)."""
+    torch.ops.uce_fast.mc_accumulate_(mean, m2, entropy, samples, count, *in_size, *out_size,
+                                      align_corners)
+
+
+def mc_reduce(samples: Tensor | None, mean: Tensor | None, m2: Tensor | None,
+              entropy: Tensor | None, count: int, in_size: tuple[int, int],
+              out_size: tuple[int, int], align_corners: bool, correction: int,
+              want_probs: bool, want_entropy: bool) -> tuple[Tensor, ...]:
+    """``(sigma, pred, entropy, mutual_info, mean_probs)`` from the compiled op."""
+    return torch.ops.uce_fast.mc_reduce(samples, mean, m2, entropy, count, *in_size, *out_size,
+                                        align_corners, correction, want_probs, want_entropy)
+
+
 def _register() -> None:
     torch.library.register_fake("uce_fast::uce_forward", _opglue.uce_forward_fake)
     torch.library.register_fake("uce_fast::uce_backward", _opglue.uce_backward_fake)
     torch.library.register_fake("uce_fast::mc_uncertainty", _opglue.mc_uncertainty_fake)
+    torch.library.register_fake("uce_fast::mc_accumulate_", _opglue.mc_accumulate_fake)
+    torch.library.register_fake("uce_fast::mc_reduce", _opglue.mc_reduce_fake)
     torch.library.register_autograd(
         "uce_fast::uce_forward",
         _opglue.uce_backward_formula(torch.ops.uce_fast.uce_backward),

@@ -12,8 +12,14 @@ from torch import Tensor
 
 __all__ = [
     "compute_dtype",
+    "mc_accumulate_",
+    "mc_finalize",
+    "mc_moments",
+    "mc_reduce",
     "mc_uncertainty",
+    "merge_moments",
     "uncertainty_weight",
+    "upsample",
     "weighted_cross_entropy",
 ]
 
@@ -43,6 +49,139 @@ def mc_uncertainty(samples: Tensor, correction: int = 1) -> tuple[Tensor, Tensor
     std = probs.std(dim=0, correction=correction)
     sigma = std.gather(1, pred.unsqueeze(1)).squeeze(1)
     return sigma, pred
+
+
+def upsample(samples: Tensor, size: tuple[int, int] | None, align_corners: bool) -> Tensor:
+    """Bilinear upsampling of the last two dims, as the kernels do it on the fly.
+
+    ``F.interpolate(mode="bilinear")`` computed in float32 (float64 for float64 samples) and
+    rounded back to the dtype of ``samples``: the result a model's own upsampling layer gives in
+    that dtype on CUDA. With ``size=None`` or the same size, ``samples`` is returned unchanged.
+
+    Args:
+        samples: (..., C, h, w) logits, any float dtype.
+        size: (H, W) target size, or None.
+        align_corners: as in ``F.interpolate``.
+    """
+    if size is None or tuple(samples.shape[-2:]) == tuple(size):
+        return samples
+    lead = samples.shape[:-2]
+    flat = samples.reshape(-1, *samples.shape[-3:]).to(compute_dtype(samples))
+    up = torch.nn.functional.interpolate(
+        flat, size=tuple(size), mode="bilinear", align_corners=align_corners
+    )
+    return up.to(samples.dtype).reshape(*lead, *size)
+
+
+def mc_moments(samples: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact (two-pass) moments of a Monte-Carlo stack's softmax probabilities.
+
+    Args:
+        samples: (β, B, C, *spatial) logits, any float dtype, β >= 1.
+
+    Returns:
+        ``(mean, m2, mean_entropy)``: mean over samples of the probabilities (B, C, *spatial), the
+        sum of squared deviations from it (B, C, *spatial), and the mean over samples of each
+        sample's entropy ``-Σ_c p log p`` (B, *spatial); float32 (float64 for float64 samples).
+    """
+    dtype = compute_dtype(samples)
+    logp = torch.log_softmax(samples.to(dtype), dim=2)
+    probs = logp.exp()
+    mean = probs.mean(dim=0)
+    m2 = (probs - mean).square().sum(dim=0)
+    # 0·log 0 = 0: a class with probability 0 (a -inf logit) adds nothing.
+    plogp = torch.where(probs > 0, probs * logp, torch.zeros((), dtype=dtype, device=probs.device))
+    mean_entropy = -plogp.sum(dim=2).mean(dim=0)
+    return mean, m2, mean_entropy
+
+
+def merge_moments(
+    first: tuple[Tensor, Tensor, Tensor], n_first: int,
+    second: tuple[Tensor, Tensor, Tensor], n_second: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Moments of the union of two sets of samples (Chan et al.'s parallel Welford merge).
+
+    Each argument is ``(mean, m2, mean_entropy)`` as returned by :func:`mc_moments`, over
+    ``n_first`` and ``n_second`` samples.
+    """
+    n = n_first + n_second
+    mean_a, m2_a, ent_a = first
+    mean_b, m2_b, ent_b = second
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_second / n)
+    m2 = m2_a + m2_b + delta.square() * (n_first * n_second / n)
+    ent = ent_a + (ent_b - ent_a) * (n_second / n)
+    return mean, m2, ent
+
+
+def mc_finalize(
+    mean: Tensor, m2: Tensor, mean_entropy: Tensor, count: int, correction: int = 1
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Uncertainty maps from the moments of ``count`` samples.
+
+    Args:
+        mean, m2: (B, C, *spatial) mean and sum of squared deviations of the probabilities.
+        mean_entropy: (B, *spatial) mean per-sample entropy.
+        count: number of samples; ``correction`` < ``count``.
+        correction: divisor offset of the standard deviation (1 = unbiased).
+
+    Returns:
+        ``(sigma, pred, entropy, mutual_info)``, each (B, *spatial): the standard deviation of
+        the predicted class's probability, the predicted class (int64; first maximum of ``mean``),
+        the predictive entropy ``H(mean)`` and the mutual information (BALD)
+        ``H(mean) - mean_b H(p_b)``, clamped at 0 (it is >= 0 up to rounding).
+    """
+    pred = mean.argmax(dim=1)
+    var = m2.gather(1, pred.unsqueeze(1)).squeeze(1) / (count - correction)
+    sigma = var.clamp_min(0).sqrt()
+    entropy = torch.special.entr(mean).sum(dim=1)
+    mutual_info = (entropy - mean_entropy).clamp_min(0)
+    return sigma, pred, entropy, mutual_info
+
+
+def _flat_moments(samples: Tensor, in_size: tuple[int, int], out_size: tuple[int, int],
+                  align_corners: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Moments of samples (S, B, C, in_h·in_w), upsampled to out_size, flattened to (…, N)."""
+    S, B, C, _ = samples.shape
+    if tuple(in_size) != tuple(out_size):
+        samples = upsample(samples.view(S, B, C, *in_size), out_size, align_corners)
+    return mc_moments(samples.reshape(S, B, C, -1))
+
+
+def mc_accumulate_(mean: Tensor, m2: Tensor, entropy: Tensor, samples: Tensor, count: int,
+                   in_size: tuple[int, int], out_size: tuple[int, int],
+                   align_corners: bool) -> None:
+    """The "torch" backend of the ``uce_fast::mc_accumulate_`` op (contract in ``uce_fast.ops``):
+    folds samples (S, B, C, in_h·in_w) into the state mean/m2 (B, C, N), entropy (B, N) in place
+    (exact moments of the new samples merged into the state's)."""
+    new = _flat_moments(samples, in_size, out_size, align_corners)
+    if count > 0:
+        new = merge_moments((mean, m2, entropy), count, new, samples.shape[0])
+    for state, value in zip((mean, m2, entropy), new, strict=True):
+        state.copy_(value)
+
+
+def mc_reduce(samples: Tensor | None, mean: Tensor | None, m2: Tensor | None,
+              entropy: Tensor | None, count: int, in_size: tuple[int, int],
+              out_size: tuple[int, int], align_corners: bool, correction: int, want_probs: bool,
+              want_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The "torch" backend of the ``uce_fast::mc_reduce`` op (contract in ``uce_fast.ops``):
+    ``(sigma, pred, entropy, mutual_info, mean_probs)`` of the state plus the samples; the
+    entropy pair and mean_probs are empty (0,) tensors unless asked for."""
+    state = None if count == 0 else (mean, m2, entropy)
+    total = count
+    if samples is not None:
+        new = _flat_moments(samples, in_size, out_size, align_corners)
+        state = new if state is None else merge_moments(state, count, new, samples.shape[0])
+        total += samples.shape[0]
+    sigma, pred, ent, mutual_info = mc_finalize(*state, total, correction)
+    empty = sigma.new_empty((0,))
+    if not want_entropy:
+        ent = mutual_info = empty
+    mean_probs = empty
+    if want_probs:  # a new tensor, never the caller's state
+        mean_probs = state[0] if samples is not None else state[0].clone()
+    return sigma, pred, ent, mutual_info, mean_probs
 
 
 def uncertainty_weight(sigma: Tensor, alpha: float) -> Tensor:
