@@ -1,0 +1,738 @@
+// CUDA kernels of the streaming Monte-Carlo ops (no torch headers):
+// mc_accumulate (fold S samples into a float32 Welford state in place) and
+// mc_reduce (the same folds on a private copy, then sigma, pred, entropy,
+// mutual information and the mean probabilities).
+//
+// One thread per OUTPUT pixel looping over classes, pixels flattened over
+// (b, n) and tiled as in uce_kernels.cuh (Pixels / tile_pixels, vector or
+// scalar mode), so every class row access of a warp is 32 adjacent pixels of
+// the state and, when the samples are read as they are, of the samples.
+// When the samples are at another resolution, each pixel computes its
+// bilinear source taps once per tile (F.interpolate's index and weight
+// formula, every product and sum rounded separately) and reads 4 low-res
+// values per class; neighbouring output pixels share most taps, so these
+// reads hit L1/L2 and the full-resolution sample never exists. The value is
+// rounded to the samples' dtype, as the reference's upsampling in that dtype.
+//
+// Per sample and pixel: m = max_c x_c, e_c = exp(x_c - m), s = sum_c e_c,
+// p_c = e_c / s folded into the Welford mean / M2 with k = count + s + 1,
+// and the entropy H = log(s) - sum_c e_c (x_c - m) / s (one log per sample,
+// no per-class log) folded into the running mean entropy.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "common/uce_math.h"
+#include "cuda/mc_launchers.h"
+#include "cuda/uce_kernels.cuh"
+
+namespace uce_cuda {
+namespace detail {
+
+// ---------------------------------------------------------------------------
+// Bilinear source taps.
+
+// One output coordinate o along a dim of in -> out: source indices and
+// weights. float32, each product and sum rounded on its own (no FMA
+// contraction), as ATen's CPU upsampling (UpSample.h); a dim of equal sizes is
+// a copy (i0 = i1 = o, l1 = 0).
+struct Axis {
+  int64_t i0, i1;
+  float l0, l1;
+};
+
+__device__ __forceinline__ Axis source_axis(int64_t o, int64_t in, int64_t out,
+                                            float scale, bool align_corners) {
+  Axis t;
+  if (in == out) {
+    t.i0 = o;
+    t.i1 = o;
+    t.l0 = 1.0f;
+    t.l1 = 0.0f;
+    return t;
+  }
+  const float of = static_cast<float>(o);
+  float src;
+  if (align_corners) {
+    src = __fmul_rn(scale, of);
+  } else {
+    src = __fsub_rn(__fmul_rn(scale, __fadd_rn(of, 0.5f)), 0.5f);
+    src = src < 0.0f ? 0.0f : src;
+  }
+  int64_t i0 = static_cast<int64_t>(floorf(src));
+  i0 = i0 < in - 1 ? i0 : in - 1;
+  float l1 = __fsub_rn(src, static_cast<float>(i0));
+  l1 = l1 < 0.0f ? 0.0f : (l1 > 1.0f ? 1.0f : l1);
+  t.i0 = i0;
+  t.i1 = i0 + (i0 < in - 1 ? 1 : 0);
+  t.l1 = l1;
+  t.l0 = __fsub_rn(1.0f, l1);
+  return t;
+}
+
+// Host: the per-dim scale (float32 as ATen's area_pixel_compute_scale).
+inline float source_scale(int64_t in, int64_t out, bool align_corners) {
+  if (align_corners) {
+    return out > 1 ? static_cast<float>(in - 1) / static_cast<float>(out - 1)
+                   : 0.0f;
+  }
+  return static_cast<float>(in) / static_cast<float>(out);
+}
+
+// Taps of the thread's V pixels: element offsets of (y0, x0), (y0, x1),
+// (y1, x0), (y1, x1) of class 0 of the pixel's batch row in a sample, and the
+// weights. Empty when the samples are read as they are.
+template <int V, bool kInterp>
+struct Taps {};
+
+template <int V>
+struct Taps<V, true> {
+  int64_t off[V][4];
+  float lx0[V], lx1[V], ly0[V], ly1[V];
+};
+
+template <int V>
+__device__ __forceinline__ void make_taps(Taps<V, true>& t,
+                                          const Pixels<V>& px,
+                                          const McArgs& a, int64_t N,
+                                          float scale_h, float scale_w) {
+  const int64_t plane = a.in_h * a.in_w;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    const int64_t q = px.valid[v] ? px.q[v] : 0;
+    const int64_t b = q / N;
+    const int64_t n = q - b * N;
+    const int64_t oy = n / a.out_w;
+    const int64_t ox = n - oy * a.out_w;
+    const Axis y = source_axis(oy, a.in_h, a.out_h, scale_h, a.align_corners);
+    const Axis x = source_axis(ox, a.in_w, a.out_w, scale_w, a.align_corners);
+    const int64_t base = b * a.C * plane;
+    t.off[v][0] = base + y.i0 * a.in_w + x.i0;
+    t.off[v][1] = base + y.i0 * a.in_w + x.i1;
+    t.off[v][2] = base + y.i1 * a.in_w + x.i0;
+    t.off[v][3] = base + y.i1 * a.in_w + x.i1;
+    t.lx0[v] = x.l0;
+    t.lx1[v] = x.l1;
+    t.ly0[v] = y.l0;
+    t.ly1[v] = y.l1;
+  }
+}
+
+// One class row of the thread's V pixels from sample xs, widened to fp32:
+// class c of a sample is c * plane elements from its class 0 (plane = N when
+// read as is, in_h * in_w when resampled). Masked pixels read nothing, get 0.
+template <DType D, int V, bool kVec, bool kInterp>
+__device__ __forceinline__ void sample_row(const ElemT<D>* __restrict__ xs,
+                                           const Pixels<V>& px,
+                                           const Taps<V, kInterp>& t,
+                                           int64_t off, float (&out)[V]) {
+  if constexpr (kInterp) {
+    const ElemT<D>* __restrict__ r = xs + off;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      out[v] = 0.0f;
+      if (px.valid[v]) {
+        const float x00 = Elem<D>::load(__ldg(r + t.off[v][0]));
+        const float x01 = Elem<D>::load(__ldg(r + t.off[v][1]));
+        const float x10 = Elem<D>::load(__ldg(r + t.off[v][2]));
+        const float x11 = Elem<D>::load(__ldg(r + t.off[v][3]));
+        const float top =
+            __fadd_rn(__fmul_rn(x00, t.lx0[v]), __fmul_rn(x01, t.lx1[v]));
+        const float bot =
+            __fadd_rn(__fmul_rn(x10, t.lx0[v]), __fmul_rn(x11, t.lx1[v]));
+        const float val =
+            __fadd_rn(__fmul_rn(top, t.ly0[v]), __fmul_rn(bot, t.ly1[v]));
+        out[v] = Elem<D>::load(Elem<D>::store(val));  // identity for fp32
+      }
+    }
+  } else {
+    load_row<D, V, kVec>(xs, px, off, out);
+  }
+}
+
+// One class row of fp32 state (B, C, N). Plain loads, not __ldg: the
+// accumulate kernel writes these addresses later in the same launch.
+template <int V, bool kVec>
+__device__ __forceinline__ void load_state_row(const float* p,
+                                               const Pixels<V>& px,
+                                               int64_t off, float (&out)[V]) {
+  if constexpr (kVec) {
+    constexpr int kBytes = kChunkBytes<DType::kFloat32, V>;
+    constexpr int kPer = kBytes / static_cast<int>(sizeof(float));
+    using CT = typename Chunk<kBytes>::T;
+    if (px.valid[0]) {
+      const CT* src = reinterpret_cast<const CT*>(p + px.base[0] + off);
+#pragma unroll
+      for (int i = 0; i < V / kPer; ++i) {
+        const CT raw = src[i];
+        float e[kPer];
+        memcpy(e, &raw, kBytes);
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) out[i * kPer + j] = e[j];
+      }
+    } else {
+#pragma unroll
+      for (int v = 0; v < V; ++v) out[v] = 0.0f;
+    }
+  } else {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      out[v] = 0.0f;
+      if (px.valid[v]) out[v] = p[px.base[v] + off];
+    }
+  }
+}
+
+// An opaque copy of x: the compiler cannot prove it equal to x, so the
+// addresses formed from it (class c at c * stride) are recomputed where they
+// are used, a few integer ops per load, instead of C (4 * C when resampled)
+// 64-bit addresses being hoisted out of the sample loop or kept live from
+// the state's load to its store: those took 64-255 registers and spilled.
+__device__ __forceinline__ int64_t opaque(int64_t x) {
+  asm volatile("" : "+l"(x));
+  return x;
+}
+
+// -p log p as torch.special.entr: 0 at 0, -inf below 0, NaN stays NaN.
+__device__ __forceinline__ float entr(float p) {
+  const float kInf = __int_as_float(0x7f800000);
+  if (p > 0.0f) return -p * logf(p);
+  return p == 0.0f ? 0.0f : (p < 0.0f ? -kInf : p);
+}
+
+// mc_reduce outputs of the thread's V pixels from the argmax state and the
+// two entropies. MI = H(mean) - mean entropy, clamped at 0 so that NaN stays.
+template <int V>
+__device__ __forceinline__ void reduce_store(const McArgs& a,
+                                             const Pixels<V>& px,
+                                             const float (&best_m2)[V],
+                                             const int32_t (&idx)[V],
+                                             const float (&hmean)[V],
+                                             const float (&ent)[V]) {
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    if (!px.valid[v]) continue;
+    const int64_t q = px.q[v];
+    a.sigma_out[q] = uce::welford_std(best_m2[v], a.inv_denom);
+    a.pred_out[q] = idx[v];
+    if (a.entropy_out != nullptr) {
+      const float mi = hmean[v] - ent[v];
+      a.entropy_out[q] = hmean[v];
+      a.mutual_info_out[q] = mi < 0.0f ? 0.0f : mi;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Register tiles (C <= CM <= 64).
+//
+// The per-class Welford mean / M2 of the thread's V pixels live in registers
+// for the whole call: read from the state once (count > 0), then every sample
+// of the call is folded in (its C class values loaded into registers, C
+// independent loads in flight), then written back once (mc_accumulate) or
+// reduced to the outputs (mc_reduce: nothing of the state is written, and
+// with count == 0 the stack is read exactly once and only the outputs are
+// written). The class loops are unrolled to CM with a runtime c < C guard, so
+// the arrays are register-allocated; the buckets and V per bucket are those
+// of mc_register_kernel (3 * CM * V = 96 registers of per-class state up to
+// CM = 32). Resampled reads keep V at 1 (2 for CM = 4): 4 loads per class
+// already give 4 * C loads in flight, and each pixel adds 12 registers of
+// taps.
+
+template <DType ST, int CM, int V, bool kVec, bool kInterp, bool kReduce>
+__global__ void __launch_bounds__(kRegThreads)
+    mc_state_register_kernel(const McArgs a, float scale_h, float scale_w,
+                             int64_t tiles) {
+  const ElemT<ST>* __restrict__ samples =
+      static_cast<const ElemT<ST>*>(a.samples);
+  const int C = static_cast<int>(a.C);
+  const int S = static_cast<int>(a.S);
+  const int64_t N = a.out_h * a.out_w;
+  const int64_t CN = a.C * N;
+  const int64_t total = a.B * N;
+  const int64_t plane = kInterp ? a.in_h * a.in_w : N;
+  const int64_t s_stride = a.B * a.C * plane;
+  const bool has_state = a.count > 0;
+
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    Pixels<V> px;
+    tile_pixels<V, kVec>(px, tile, total, N, CN);
+    Taps<V, kInterp> tp;
+    if constexpr (kInterp) make_taps<V>(tp, px, a, N, scale_h, scale_w);
+
+    float mean[CM][V], m2[CM][V], ent[V];
+    const int64_t ns_in = opaque(N);
+#pragma unroll
+    for (int c = 0; c < CM; ++c) {
+      if (c < C && has_state) {
+        const int64_t off = static_cast<int64_t>(c) * ns_in;
+        load_state_row<V, kVec>(a.mean, px, off, mean[c]);
+        load_state_row<V, kVec>(a.m2, px, off, m2[c]);
+      } else {
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          mean[c][v] = 0.0f;
+          m2[c][v] = 0.0f;
+        }
+      }
+    }
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      ent[v] = has_state && px.valid[v] ? a.entropy[px.q[v]] : 0.0f;
+    }
+
+    for (int s = 0; s < S; ++s) {
+      const ElemT<ST>* __restrict__ xs = samples + s * s_stride;
+      const int64_t cs = opaque(plane);
+      float x[CM][V];
+#pragma unroll
+      for (int c = 0; c < CM; ++c) {
+        if (c < C) {
+          sample_row<ST, V, kVec, kInterp>(xs, px, tp,
+                                           static_cast<int64_t>(c) * cs, x[c]);
+        } else {
+#pragma unroll
+          for (int v = 0; v < V; ++v) x[c][v] = 0.0f;
+        }
+      }
+      float mx[V], sum[V], te[V], inv[V];
+#pragma unroll
+      for (int v = 0; v < V; ++v) mx[v] = x[0][v];
+#pragma unroll
+      for (int c = 1; c < CM; ++c) {
+        if (c < C) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) mx[v] = x[c][v] > mx[v] ? x[c][v] : mx[v];
+        }
+      }
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        sum[v] = 0.0f;
+        te[v] = 0.0f;
+      }
+#pragma unroll
+      for (int c = 0; c < CM; ++c) {
+        if (c < C) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            // d <= 0; NaN when every class is -inf (or any is NaN or +inf),
+            // which propagates to the pixel as in the reference. A class at
+            // -inf below a finite max has e = 0 and adds 0 (not 0 * -inf) to
+            // the entropy sum.
+            const float d = x[c][v] - mx[v];
+            const float e = exp_f(d);
+            x[c][v] = e;
+            sum[v] += e;
+            te[v] += e == 0.0f ? 0.0f : e * d;
+          }
+        }
+      }
+#pragma unroll
+      for (int v = 0; v < V; ++v) inv[v] = 1.0f / sum[v];
+      const float inv_k = 1.0f / static_cast<float>(a.count + s + 1);
+#pragma unroll
+      for (int c = 0; c < CM; ++c) {
+        if (c < C) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            uce::welford_update(x[c][v] * inv[v], inv_k, mean[c][v], m2[c][v]);
+          }
+        }
+      }
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const float h = logf(sum[v]) - te[v] * inv[v];
+        ent[v] = ent[v] + (h - ent[v]) * inv_k;
+      }
+    }
+
+    if constexpr (!kReduce) {
+      const int64_t ns_out = opaque(N);
+#pragma unroll
+      for (int c = 0; c < CM; ++c) {
+        if (c < C) {
+          const int64_t off = static_cast<int64_t>(c) * ns_out;
+          store_row<DType::kFloat32, V, kVec>(a.mean, px, off, mean[c]);
+          store_row<DType::kFloat32, V, kVec>(a.m2, px, off, m2[c]);
+        }
+      }
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        if (px.valid[v]) a.entropy[px.q[v]] = ent[v];
+      }
+    } else {
+      float best[V], best_m2[V], hmean[V];
+      int32_t idx[V];
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        best[v] = mean[0][v];
+        best_m2[v] = m2[0][v];
+        idx[v] = 0;
+        hmean[v] = 0.0f;
+      }
+#pragma unroll
+      for (int c = 1; c < CM; ++c) {
+        if (c < C) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            const bool take = argmax_takes(mean[c][v], best[v]);
+            best[v] = take ? mean[c][v] : best[v];
+            best_m2[v] = take ? m2[c][v] : best_m2[v];
+            idx[v] = take ? c : idx[v];
+          }
+        }
+      }
+      if (a.entropy_out != nullptr) {
+#pragma unroll
+        for (int c = 0; c < CM; ++c) {
+          if (c < C) {
+#pragma unroll
+            for (int v = 0; v < V; ++v) hmean[v] += entr(mean[c][v]);
+          }
+        }
+      }
+      if (a.probs_out != nullptr) {
+        const int64_t ns_out = opaque(N);
+#pragma unroll
+        for (int c = 0; c < CM; ++c) {
+          if (c < C) {
+            store_row<DType::kFloat32, V, kVec>(
+                a.probs_out, px, static_cast<int64_t>(c) * ns_out, mean[c]);
+          }
+        }
+      }
+      reduce_store<V>(a, px, best_m2, idx, hmean, ent);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Class chunks (C > 64): exact for any C.
+//
+// Pass 1, per sample of the call: one read of the C class values with an
+// online max and sum of exp (as mc_chunked_kernel), giving the sample's
+// softmax normalisers. Per sample and pixel three floats are kept: max, sum
+// and the entropy sum sum_c e_c (x_c - max), which pass 2 accumulates chunk
+// by chunk. They live in dynamic shared memory (3 * S * P floats,
+// thread-private slots v * threads + tid, conflict-free and needing no
+// barrier), or, when that exceeds the 48 KiB default (S > 15 read as is,
+// S > 31 resampled), in a global scratch slice per block.
+// Pass 2, per chunk of K classes: the chunk's Welford mean / M2 read from the
+// state once (count > 0), every sample folded in from registers, then written
+// back once (mc_accumulate) or reduced (mc_reduce: running argmax over the
+// chunks in class order, H(mean) summed, mean_probs written). The samples are
+// read twice, the state once, whatever S; the per-pixel working set is
+// independent of C. With S = 0 (mc_reduce of a state) pass 1 is empty.
+//
+// K = 8 classes, V = 4 pixels (2 resampled): 2 * K * V = 64 (32) Welford
+// registers plus K * V = 32 loads in flight per sample (64 resampled).
+
+template <DType ST, int V, bool kVec, bool kInterp, bool kReduce>
+__global__ void __launch_bounds__(kMcChunkThreads)
+    mc_state_chunked_kernel(const McArgs a, float scale_h, float scale_w,
+                            int64_t tiles, float* __restrict__ gstat) {
+  constexpr int K = kChunkClasses;
+  extern __shared__ float s_mcstat[];
+  const ElemT<ST>* __restrict__ samples =
+      static_cast<const ElemT<ST>*>(a.samples);
+  const int C = static_cast<int>(a.C);
+  const int S = static_cast<int>(a.S);
+  const int64_t N = a.out_h * a.out_w;
+  const int64_t CN = a.C * N;
+  const int64_t total = a.B * N;
+  const int64_t plane = kInterp ? a.in_h * a.in_w : N;
+  const int64_t s_stride = a.B * a.C * plane;
+  const bool has_state = a.count > 0;
+  const int64_t P = static_cast<int64_t>(blockDim.x) * V;
+  // Rows of P floats: 3 * s (max), 3 * s + 1 (sum), 3 * s + 2 (entropy sum).
+  float* __restrict__ stat =
+      gstat != nullptr ? gstat + static_cast<int64_t>(blockIdx.x) * 3 * S * P
+                       : s_mcstat;
+  const float kInf = __int_as_float(0x7f800000);
+  const float kNaN = __int_as_float(0x7fc00000);
+
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    Pixels<V> px;
+    tile_pixels<V, kVec>(px, tile, total, N, CN);
+    Taps<V, kInterp> tp;
+    if constexpr (kInterp) make_taps<V>(tp, px, a, N, scale_h, scale_w);
+
+    // Pass 1: normalisers of every sample.
+    for (int s = 0; s < S; ++s) {
+      const ElemT<ST>* __restrict__ xs = samples + s * s_stride;
+      float m[V], l[V];
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        m[v] = -kInf;
+        l[v] = 0.0f;
+      }
+#pragma unroll 4
+      for (int c = 0; c < C; ++c) {
+        float r[V];
+        sample_row<ST, V, kVec, kInterp>(xs, px, tp,
+                                         static_cast<int64_t>(c) * plane, r);
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          // As mc_chunked_kernel: one exp per element; r == m gives exactly
+          // 1 without subtracting (no -inf - -inf from leading -inf classes).
+          const bool up = r[v] > m[v];
+          const float d = up ? m[v] - r[v] : r[v] - m[v];
+          const float e = r[v] == m[v] ? 1.0f : exp_f(d);
+          l[v] = up ? fmaf(l[v], e, 1.0f) : l[v] + e;
+          m[v] = up ? r[v] : m[v];
+        }
+      }
+      const int64_t row = 3 * static_cast<int64_t>(s) * P;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const int64_t slot =
+            row + v * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+        stat[slot] = m[v];
+        // A +inf max makes every probability NaN (exp(inf - inf) in the
+        // reference's sum); NaN and all -inf reach NaN through l and pass 2.
+        stat[slot + P] = m[v] == kInf ? kNaN : l[v];
+        stat[slot + 2 * P] = 0.0f;
+      }
+    }
+
+    // Pass 2: Welford over the samples, K classes at a time.
+    float best[V], best_m2[V], hmean[V];
+    int32_t idx[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      best[v] = 0.0f;
+      best_m2[v] = 0.0f;
+      hmean[v] = 0.0f;
+      idx[v] = 0;
+    }
+    for (int c0 = 0; c0 < C; c0 += K) {
+      float mean[K][V], m2[K][V];
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        if (c0 + k < C && has_state) {
+          const int64_t off = static_cast<int64_t>(c0 + k) * N;
+          load_state_row<V, kVec>(a.mean, px, off, mean[k]);
+          load_state_row<V, kVec>(a.m2, px, off, m2[k]);
+        } else {
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            mean[k][v] = 0.0f;
+            m2[k][v] = 0.0f;
+          }
+        }
+      }
+      for (int s = 0; s < S; ++s) {
+        const ElemT<ST>* __restrict__ xs = samples + s * s_stride;
+        const int64_t cs = opaque(plane);
+        float x[K][V];
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          if (c0 + k < C) {
+            sample_row<ST, V, kVec, kInterp>(
+                xs, px, tp, static_cast<int64_t>(c0 + k) * cs, x[k]);
+          } else {
+#pragma unroll
+            for (int v = 0; v < V; ++v) x[k][v] = 0.0f;
+          }
+        }
+        float ms[V], inv[V], te[V];
+        const int64_t row = 3 * static_cast<int64_t>(s) * P;
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const int64_t slot =
+              row + v * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+          ms[v] = stat[slot];
+          inv[v] = 1.0f / stat[slot + P];
+          te[v] = 0.0f;
+        }
+        const float inv_k = 1.0f / static_cast<float>(a.count + s + 1);
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          if (c0 + k < C) {
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+              const float d = x[k][v] - ms[v];
+              const float e = exp_f(d);
+              te[v] += e == 0.0f ? 0.0f : e * d;
+              uce::welford_update(e * inv[v], inv_k, mean[k][v], m2[k][v]);
+            }
+          }
+        }
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const int64_t slot =
+              row + 2 * P + v * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+          stat[slot] += te[v];
+        }
+      }
+      if constexpr (!kReduce) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          if (c0 + k < C) {
+            const int64_t off = static_cast<int64_t>(c0 + k) * opaque(N);
+            store_row<DType::kFloat32, V, kVec>(a.mean, px, off, mean[k]);
+            store_row<DType::kFloat32, V, kVec>(a.m2, px, off, m2[k]);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const int c = c0 + k;
+          if (c < C) {
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+              const bool take = c == 0 || argmax_takes(mean[k][v], best[v]);
+              best[v] = take ? mean[k][v] : best[v];
+              best_m2[v] = take ? m2[k][v] : best_m2[v];
+              idx[v] = take ? c : idx[v];
+            }
+            if (a.entropy_out != nullptr) {
+#pragma unroll
+              for (int v = 0; v < V; ++v) hmean[v] += entr(mean[k][v]);
+            }
+            if (a.probs_out != nullptr) {
+              store_row<DType::kFloat32, V, kVec>(
+                  a.probs_out, px, static_cast<int64_t>(c) * opaque(N),
+                  mean[k]);
+            }
+          }
+        }
+      }
+    }
+
+    // The per-sample entropies, folded in sample order.
+    float ent[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      ent[v] = has_state && px.valid[v] ? a.entropy[px.q[v]] : 0.0f;
+    }
+    for (int s = 0; s < S; ++s) {
+      const int64_t row = 3 * static_cast<int64_t>(s) * P;
+      const float inv_k = 1.0f / static_cast<float>(a.count + s + 1);
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const int64_t slot =
+            row + P + v * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+        const float sum = stat[slot];
+        const float h = logf(sum) - stat[slot + P] * (1.0f / sum);
+        ent[v] = ent[v] + (h - ent[v]) * inv_k;
+      }
+    }
+    if constexpr (!kReduce) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        if (px.valid[v]) a.entropy[px.q[v]] = ent[v];
+      }
+    } else {
+      reduce_store<V>(a, px, best_m2, idx, hmean, ent);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Launchers.
+
+template <DType ST, int CM, int V, bool kReduce>
+cudaError_t launch_mc_state_bucket(const McArgs& a, float scale_h,
+                                   float scale_w, cudaStream_t stream) {
+  const int64_t N = a.out_h * a.out_w;
+  const int64_t total = a.B * N;
+  if (mc_interp(a)) {
+    constexpr int VI = CM <= 4 ? 2 : 1;
+    const int64_t tiles =
+        ceil_div(total, static_cast<int64_t>(kRegThreads) * VI);
+    const dim3 grid(static_cast<unsigned int>(grid_for(tiles)));
+    mc_state_register_kernel<ST, CM, VI, false, true, kReduce>
+        <<<grid, kRegThreads, 0, stream>>>(a, scale_h, scale_w, tiles);
+    return cudaGetLastError();
+  }
+  const int64_t tiles = ceil_div(total, static_cast<int64_t>(kRegThreads) * V);
+  const dim3 grid(static_cast<unsigned int>(grid_for(tiles)));
+  if constexpr (V > 1) {
+    const bool vec = can_vectorise<ST, V>(a.samples, N) &&
+                     can_vectorise<DType::kFloat32, V>(a.mean, N) &&
+                     can_vectorise<DType::kFloat32, V>(a.m2, N) &&
+                     can_vectorise<DType::kFloat32, V>(a.probs_out, N);
+    if (vec) {
+      mc_state_register_kernel<ST, CM, V, true, false, kReduce>
+          <<<grid, kRegThreads, 0, stream>>>(a, scale_h, scale_w, tiles);
+      return cudaGetLastError();
+    }
+  }
+  mc_state_register_kernel<ST, CM, V, false, false, kReduce>
+      <<<grid, kRegThreads, 0, stream>>>(a, scale_h, scale_w, tiles);
+  return cudaGetLastError();
+}
+
+template <DType ST, bool kReduce>
+cudaError_t launch_mc_state_chunked(const McArgs& a, float scale_h,
+                                    float scale_w, float* scratch,
+                                    cudaStream_t stream) {
+  const ChunkPlan plan = mc_chunk_plan(a);
+  float* gstat = nullptr;
+  if (plan.scratch_floats > 0) {
+    if (scratch == nullptr) return cudaErrorInvalidValue;
+    gstat = scratch;
+  }
+  const dim3 grid(static_cast<unsigned int>(plan.grid));
+  if (mc_interp(a)) {
+    mc_state_chunked_kernel<ST, kMcChunkPixelsInterp, false, true, kReduce>
+        <<<grid, kMcChunkThreads, plan.smem_bytes, stream>>>(
+            a, scale_h, scale_w, plan.tiles, gstat);
+    return cudaGetLastError();
+  }
+  constexpr int V = kMcChunkPixels;
+  const int64_t N = a.out_h * a.out_w;
+  const bool vec = can_vectorise<ST, V>(a.samples, N) &&
+                   can_vectorise<DType::kFloat32, V>(a.mean, N) &&
+                   can_vectorise<DType::kFloat32, V>(a.m2, N) &&
+                   can_vectorise<DType::kFloat32, V>(a.probs_out, N);
+  if (vec) {
+    mc_state_chunked_kernel<ST, V, true, false, kReduce>
+        <<<grid, kMcChunkThreads, plan.smem_bytes, stream>>>(
+            a, scale_h, scale_w, plan.tiles, gstat);
+  } else {
+    mc_state_chunked_kernel<ST, V, false, false, kReduce>
+        <<<grid, kMcChunkThreads, plan.smem_bytes, stream>>>(
+            a, scale_h, scale_w, plan.tiles, gstat);
+  }
+  return cudaGetLastError();
+}
+
+template <DType ST, bool kReduce>
+cudaError_t launch_mc_state(const McArgs& a, float* scratch,
+                            cudaStream_t stream) {
+  const float scale_h = source_scale(a.in_h, a.out_h, a.align_corners);
+  const float scale_w = source_scale(a.in_w, a.out_w, a.align_corners);
+  if (a.C <= 4) {
+    return launch_mc_state_bucket<ST, 4, 8, kReduce>(a, scale_h, scale_w,
+                                                     stream);
+  }
+  if (a.C <= 8) {
+    return launch_mc_state_bucket<ST, 8, 4, kReduce>(a, scale_h, scale_w,
+                                                     stream);
+  }
+  if (a.C <= 16) {
+    return launch_mc_state_bucket<ST, 16, 2, kReduce>(a, scale_h, scale_w,
+                                                      stream);
+  }
+  if (a.C <= 32) {
+    return launch_mc_state_bucket<ST, 32, 1, kReduce>(a, scale_h, scale_w,
+                                                      stream);
+  }
+  static_assert(kRegisterMaxClasses == 64, "register buckets end at 64");
+  if (a.C <= kRegisterMaxClasses) {
+    return launch_mc_state_bucket<ST, 64, 1, kReduce>(a, scale_h, scale_w,
+                                                      stream);
+  }
+  return launch_mc_state_chunked<ST, kReduce>(a, scale_h, scale_w, scratch,
+                                              stream);
+}
+
+}  // namespace detail
+}  // namespace uce_cuda
