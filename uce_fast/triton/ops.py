@@ -10,7 +10,16 @@ correction) -> (loss, lse, pixel_weight)``, each (B, N) float32;
 ignore_index, label_smoothing) -> grad_input`` (B, C, N) in the dtype of ``input``;
 
 ``uce_fast::triton_mc_uncertainty(samples (β, B, C, N), correction) -> (sigma (B, N) float32,
-pred (B, N) int64)``.
+pred (B, N) int64)``;
+
+``uce_fast::triton_mc_accumulate_(mean!, m2!, entropy!, samples (S, B, C, in_h·in_w), count, in_h,
+in_w, out_h, out_w, align_corners) -> ()`` folds samples, bilinearly upsampled on the fly, into a
+streaming Monte-Carlo state in place;
+
+``uce_fast::triton_mc_reduce(samples?, mean?, m2?, entropy?, count, in_h, in_w, out_h, out_w,
+align_corners, correction, want_probs, want_entropy) -> (sigma, pred, entropy, mutual_info,
+mean_probs)`` the uncertainty maps of a state and/or samples, without writing the state (the state,
+the upsampling and the outputs are specified in ``uce_fast/ops.py``).
 
 The ops are ``torch.library.custom_op``s: opaque to ``torch.compile`` (which traces them through
 their fake kernels), so the forward can check its labels after the launch and raise: the kernel
@@ -30,9 +39,9 @@ import triton
 from torch import Tensor
 
 from uce_fast import _opglue
-from uce_fast.triton import kernels
+from uce_fast.triton import kernels, mc_kernels
 
-__all__ = ["INTERPRET", "mc_uncertainty", "uce_forward"]
+__all__ = ["INTERPRET", "mc_accumulate_", "mc_reduce", "mc_uncertainty", "uce_forward"]
 
 #: Whether the kernels were created for Triton's interpreter (CPU tensors) rather than compiled.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -53,6 +62,15 @@ _SMALL_C_MAX = 128
 # Class chunk of the large-C path: 32 classes x 64 pixels (256-byte fp32 rows per class); the
 # small chunk tiles leave registers for the (BETA_PAD, BLOCK_N) per-sample lse tile.
 _CHUNK_C = 32
+# Samples per launch of the large-C accumulate kernel: each sample's max, sum of exponentials and
+# entropy term are (S_PAD, BLOCK_N) register tiles, so S_PAD is bounded.
+_MC_GROUP = 32
+# Tiles of the streaming-statistics kernels that upsample on the fly, and of the large-C
+# accumulate (whatever the samples): four tap offsets and four loaded values per element, or three
+# (S_PAD, BLOCK_N) per-sample tiles, are live besides the state. ptxas (sm_90, 4 warps) spills at
+# 2048 elements per tile there and does not at 1024 (~150-180 registers).
+_MC_STREAM_TILE = 1024
+_INT32_MAX = 2**31 - 1
 
 
 def _tile_config(C: int, beta: int, tile: int,
@@ -265,6 +283,252 @@ def _mc_uncertainty(samples: Tensor, correction: int, *, chunk_c: int | None = N
     return sigma, pred
 
 
+def _f32_div(a: int, b: int) -> float:
+    """float32(a) / float32(b) rounded to float32 (exactly representable in a Python float)."""
+    return float(torch.tensor(a, dtype=torch.float32) / torch.tensor(b, dtype=torch.float32))
+
+
+def _source_index(in_size: int, out_size: int, align_corners: bool,
+                  device: torch.device) -> tuple[Tensor, Tensor]:
+    """[i0; i1] (2, out) int32 and [l0; l1] (2, out) float32 of the bilinear source index along
+    one dim (``source_index`` in uce_fast/ops.py): float32, one torch op per step, so that each
+    product and sum is rounded on its own."""
+    o = torch.arange(out_size, device=device, dtype=torch.float32)
+    if in_size == out_size:
+        i0 = torch.arange(out_size, device=device, dtype=torch.int32)
+        i1 = i0
+        l1 = torch.zeros_like(o)
+    else:
+        if align_corners:
+            scale = _f32_div(in_size - 1, out_size - 1) if out_size > 1 else 0.0
+            src = o * scale
+        else:
+            src = ((o + 0.5) * _f32_div(in_size, out_size) - 0.5).clamp_min(0.0)
+        i0f = src.floor().clamp_max(in_size - 1)
+        l1 = (src - i0f).clamp(0.0, 1.0)
+        i0 = i0f.to(torch.int32)
+        i1 = i0 + (i0 < in_size - 1).to(torch.int32)
+    return torch.stack((i0, i1)), torch.stack((1.0 - l1, l1))
+
+
+def _check_state(t: Tensor, name: str, shape: tuple[int, ...], device: torch.device) -> None:
+    _check_device(t, name)
+    _check_same_device(t, name, device)
+    if t.dtype != torch.float32:
+        raise RuntimeError(f"uce_fast: {name} must be float32, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise RuntimeError(f"uce_fast: {name} must have shape {shape}, got {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise RuntimeError(f"uce_fast: {name} must be contiguous")
+
+
+def _check_mc_samples(samples: Tensor, in_h: int, in_w: int) -> None:
+    _check_logits(samples, "samples", 4, "(S, B, C, in_h * in_w)")
+    if samples.shape[2] < 1:
+        raise RuntimeError("uce_fast: samples must have at least one class")
+    if samples.shape[3] != in_h * in_w:
+        raise RuntimeError(
+            f"uce_fast: samples must have in_h * in_w = {in_h} * {in_w} pixels, got "
+            f"{samples.shape[3]}")
+
+
+def _check_mc_sizes(count: int, in_h: int, in_w: int, out_h: int, out_w: int) -> bool:
+    """Whether the samples are upsampled (sizes differ); raises on sizes the kernels cannot take."""
+    if min(in_h, in_w, out_h, out_w) < 0:
+        raise RuntimeError(
+            f"uce_fast: sizes must be >= 0, got in ({in_h}, {in_w}), out ({out_h}, {out_w})")
+    if max(in_h * in_w, out_h * out_w) > _INT32_MAX:
+        raise RuntimeError("uce_fast: more than 2^31 - 1 pixels per class plane")
+    if count < 0:
+        raise ValueError(f"uce_fast: count must be >= 0, got {count}")
+    interp = (in_h, in_w) != (out_h, out_w)
+    if interp and out_h * out_w > 0 and in_h * in_w == 0:
+        raise RuntimeError(
+            f"uce_fast: cannot upsample from ({in_h}, {in_w}) to ({out_h}, {out_w})")
+    return interp
+
+
+class _Sources:
+    """Launch arguments describing where a tile's sample values come from."""
+
+    def __init__(self, samples: Tensor | None, in_h: int, in_w: int, out_h: int, out_w: int,
+                 align_corners: bool, interp: bool, dummy: Tensor):
+        pixels = out_h * out_w
+        self.interp = interp and samples is not None
+        self.round = samples is not None and samples.dtype != torch.float32
+        self.bf16_bits = INTERPRET and self.round and samples.dtype == torch.bfloat16
+        self.plane = in_h * in_w if self.interp else pixels
+        if self.interp:
+            self.ty, self.wy = _source_index(in_h, out_h, align_corners, samples.device)
+            self.tx, self.wx = _source_index(in_w, out_w, align_corners, samples.device)
+        else:
+            self.ty = self.wy = self.tx = self.wx = dummy
+        self.in_w = in_w
+
+    def tables(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.ty, self.wy, self.tx, self.wx
+
+    def options(self) -> dict:
+        """The kernels' constexprs for the sample source, and the compile option that keeps
+        the bilinear formula's products and sums separately rounded."""
+        return dict(INTERP=self.interp, ROUND=self.round, BF16_BITS=self.bf16_bits,
+                    enable_fp_fusion=not self.interp)
+
+
+def _mc_small_config(C: int, interp: bool) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_N) of the streaming-statistics kernels with all classes in registers."""
+    block_c = triton.next_power_of_2(C)
+    if interp:
+        # The gathered rows are not contiguous anyway: at C near 128, 8 pixels per program
+        # rather than spills.
+        return block_c, max(8, min(1024, _MC_STREAM_TILE // block_c))
+    return block_c, max(16, min(1024, _MC_TILE // block_c))
+
+
+def _accumulate_chunked(src: tuple[Tensor, Tensor, Tensor], dst: tuple[Tensor, Tensor, Tensor],
+                        samples: Tensor, count: int, out_h: int, out_w: int, sources: _Sources,
+                        chunk_c: int | None, wide: bool) -> None:
+    """Large C: folds ``samples`` into the state ``src`` (ignored when count == 0), writing the
+    result to ``dst`` (may be ``src``), in launches of at most ``_MC_GROUP`` samples."""
+    _, batch, C, _ = samples.shape
+    pixels = out_h * out_w
+    _, block_c, block_n, s_pad = _tile_config(C, min(samples.shape[0], _MC_GROUP),
+                                              _MC_STREAM_TILE, chunk_c or _CHUNK_C)
+    is_wide = _wide(C, max(pixels, sources.plane), block_n, wide)
+    for s0 in range(0, samples.shape[0], _MC_GROUP):
+        group = samples[s0:s0 + _MC_GROUP]
+        k = count + s0
+        state = src if s0 == 0 else dst
+        args = (group, *state, *dst, *sources.tables(), C, pixels, sources.in_w, out_h, out_w,
+                sources.plane, batch * C * sources.plane, group.shape[0], k)
+        mc_kernels.mc_accumulate_chunked_kernel[_grid(batch, pixels, block_n)](
+            *args, HAS_STATE=k > 0, BLOCK_C=block_c, BLOCK_N=block_n, S_PAD=s_pad,
+            WIDE=is_wide, num_warps=_NUM_WARPS, **sources.options(),
+        )
+
+
+def _mc_accumulate(mean: Tensor, m2: Tensor, entropy: Tensor, samples: Tensor, count: int,
+                   in_h: int, in_w: int, out_h: int, out_w: int, align_corners: bool, *,
+                   chunk_c: int | None = None, wide: bool = False) -> None:
+    interp = _check_mc_sizes(count, in_h, in_w, out_h, out_w)
+    _check_mc_samples(samples, in_h, in_w)
+    beta, batch, C, _ = samples.shape
+    pixels = out_h * out_w
+    _check_state(mean, "mean", (batch, C, pixels), samples.device)
+    _check_state(m2, "m2", (batch, C, pixels), samples.device)
+    _check_state(entropy, "entropy", (batch, pixels), samples.device)
+    if count + beta > _INT32_MAX:
+        raise ValueError("uce_fast: too many Monte-Carlo samples")
+    if batch * pixels == 0 or beta == 0:
+        return
+    sources = _Sources(samples, in_h, in_w, out_h, out_w, align_corners, interp, entropy)
+    with _device_guard(samples):
+        if chunk_c is not None or C > _SMALL_C_MAX:
+            state = (mean, m2, entropy)
+            _accumulate_chunked(state, state, samples, count, out_h, out_w, sources, chunk_c,
+                                wide)
+            return
+        block_c, block_n = _mc_small_config(C, sources.interp)
+        mc_kernels.mc_accumulate_kernel[_grid(batch, pixels, block_n)](
+            samples, mean, m2, entropy, *sources.tables(), C, pixels, in_w, out_h, out_w,
+            sources.plane, batch * C * sources.plane, beta, count,
+            HAS_STATE=count > 0, BLOCK_C=block_c, BLOCK_N=block_n,
+            WIDE=_wide(C, max(pixels, sources.plane), block_n, wide), num_warps=_NUM_WARPS,
+            **sources.options(),
+        )
+
+
+def _mc_reduce(samples: Tensor | None, mean: Tensor | None, m2: Tensor | None,
+               entropy: Tensor | None, count: int, in_h: int, in_w: int, out_h: int, out_w: int,
+               align_corners: bool, correction: int, want_probs: bool, want_entropy: bool, *,
+               chunk_c: int | None = None,
+               wide: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    interp = _check_mc_sizes(count, in_h, in_w, out_h, out_w)
+    pixels = out_h * out_w
+    if samples is not None:
+        _check_mc_samples(samples, in_h, in_w)
+        _, batch, C, _ = samples.shape
+        device = samples.device
+    elif mean is not None:
+        _check_device(mean, "mean")
+        if mean.dim() != 3:
+            raise RuntimeError(
+                f"uce_fast: mean must have shape (B, C, N), got {tuple(mean.shape)}")
+        batch, C, _ = mean.shape
+        device = mean.device
+    else:
+        raise RuntimeError("uce_fast: mc_reduce needs samples or a state (mean, m2, entropy)")
+    if count > 0 and (mean is None or m2 is None or entropy is None):
+        raise RuntimeError("uce_fast: count > 0 needs the state mean, m2 and entropy")
+    for t, name, shape in ((mean, "mean", (batch, C, pixels)), (m2, "m2", (batch, C, pixels)),
+                           (entropy, "entropy", (batch, pixels))):
+        if t is not None:
+            _check_state(t, name, shape, device)
+    beta = 0 if samples is None else samples.shape[0]
+    n = count + beta
+    if not 0 <= correction < n:
+        raise ValueError(
+            f"uce_fast: correction must be in [0, n) = [0, {n}) for n = count + S samples, got "
+            f"{correction}")
+    if n > _INT32_MAX:
+        raise ValueError("uce_fast: too many Monte-Carlo samples")
+
+    f32 = dict(device=device, dtype=torch.float32)
+    sigma = torch.empty((batch, pixels), **f32)
+    pred = torch.empty((batch, pixels), device=device, dtype=torch.int64)
+    maps = (batch, pixels) if want_entropy else (0,)
+    h_out = torch.empty(maps, **f32)
+    mutual_info = torch.empty(maps, **f32)
+    probs = torch.empty((batch, C, pixels) if want_probs else (0,), **f32)
+    if batch * pixels == 0:
+        return sigma, pred, h_out, mutual_info, probs
+    has_state = count > 0
+    has_samples = beta > 0
+    inv_denom = 1.0 / (n - correction)
+    sources = _Sources(samples if has_samples else None, in_h, in_w, out_h, out_w, align_corners,
+                       interp, sigma)
+    with _device_guard(sigma):
+        if chunk_c is None and C <= _SMALL_C_MAX:
+            block_c, block_n = _mc_small_config(C, sources.interp)
+            plane = sources.plane
+            mc_kernels.mc_reduce_kernel[_grid(batch, pixels, block_n)](
+                samples if has_samples else sigma,
+                mean if has_state else sigma, m2 if has_state else sigma,
+                entropy if has_state else sigma, *sources.tables(),
+                sigma, pred, h_out if want_entropy else sigma,
+                mutual_info if want_entropy else sigma, probs if want_probs else sigma,
+                C, pixels, in_w, out_h, out_w, plane, batch * C * plane, beta, count, inv_denom,
+                HAS_STATE=has_state, HAS_SAMPLES=has_samples, WANT_PROBS=want_probs,
+                WANT_ENTROPY=want_entropy, BLOCK_C=block_c, BLOCK_N=block_n,
+                WIDE=_wide(C, max(pixels, plane), block_n, wide), num_warps=_NUM_WARPS,
+                **sources.options(),
+            )
+            return sigma, pred, h_out, mutual_info, probs
+        # Large C: the samples (if any) are folded into a scratch state (the caller's state is
+        # read by that launch, never written), then the outputs are reduced from it class chunk
+        # by class chunk. Exact; the price is writing and re-reading the (B, C, N) mean and M2.
+        if has_samples:
+            scratch = (torch.empty((batch, C, pixels), **f32),
+                       torch.empty((batch, C, pixels), **f32), torch.empty((batch, pixels), **f32))
+            src = (mean, m2, entropy) if has_state else scratch
+            _accumulate_chunked(src, scratch, samples, count, out_h, out_w, sources, chunk_c,
+                                wide)
+            state = scratch
+        else:
+            state = (mean, m2, entropy)
+        _, block_c, block_n, _ = _tile_config(C, 1, _MC_TILE, chunk_c or _CHUNK_C)
+        mc_kernels.mc_finalize_kernel[_grid(batch, pixels, block_n)](
+            *state, sigma, pred, h_out if want_entropy else sigma,
+            mutual_info if want_entropy else sigma, C, pixels, inv_denom,
+            WANT_ENTROPY=want_entropy, BLOCK_C=block_c, BLOCK_N=block_n,
+            WIDE=_wide(C, pixels, block_n, wide), num_warps=_NUM_WARPS,
+        )
+    if want_probs:
+        # A fresh tensor either way: the scratch mean, or a copy of the caller's.
+        probs = state[0] if has_samples else state[0].clone()
+    return sigma, pred, h_out, mutual_info, probs
+
+
 # ------------------------------------------------------------------------------- registration
 
 _FORWARD_SCHEMA = (
@@ -276,6 +540,15 @@ _BACKWARD_SCHEMA = (
     "Tensor? weight, int ignore_index, float label_smoothing) -> Tensor"
 )
 _MC_SCHEMA = "(Tensor samples, int correction) -> (Tensor, Tensor)"
+_ACCUMULATE_SCHEMA = (
+    "(Tensor(a!) mean, Tensor(b!) m2, Tensor(c!) entropy, Tensor samples, int count, int in_h, "
+    "int in_w, int out_h, int out_w, bool align_corners) -> ()"
+)
+_REDUCE_SCHEMA = (
+    "(Tensor? samples, Tensor? mean, Tensor? m2, Tensor? entropy, int count, int in_h, int in_w, "
+    "int out_h, int out_w, bool align_corners, int correction, bool want_probs, "
+    "bool want_entropy) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
 
 triton_uce_forward = torch.library.custom_op(
     "uce_fast::triton_uce_forward", _forward, mutates_args=(), schema=_FORWARD_SCHEMA)
@@ -283,11 +556,18 @@ triton_uce_backward = torch.library.custom_op(
     "uce_fast::triton_uce_backward", _backward, mutates_args=(), schema=_BACKWARD_SCHEMA)
 triton_mc_uncertainty = torch.library.custom_op(
     "uce_fast::triton_mc_uncertainty", _mc_uncertainty, mutates_args=(), schema=_MC_SCHEMA)
+triton_mc_accumulate_ = torch.library.custom_op(
+    "uce_fast::triton_mc_accumulate_", _mc_accumulate, mutates_args=("mean", "m2", "entropy"),
+    schema=_ACCUMULATE_SCHEMA)
+triton_mc_reduce = torch.library.custom_op(
+    "uce_fast::triton_mc_reduce", _mc_reduce, mutates_args=(), schema=_REDUCE_SCHEMA)
 
 
 triton_uce_forward.register_fake(_opglue.uce_forward_fake)
 triton_uce_backward.register_fake(_opglue.uce_backward_fake)
 triton_mc_uncertainty.register_fake(_opglue.mc_uncertainty_fake)
+triton_mc_accumulate_.register_fake(_opglue.mc_accumulate_fake)
+triton_mc_reduce.register_fake(_opglue.mc_reduce_fake)
 triton_uce_forward.register_autograd(_opglue.uce_backward_formula(triton_uce_backward),
                                      setup_context=_opglue.setup_context)
 
@@ -303,7 +583,7 @@ def _no_derivative(ctx, *grads):
 # The backward op (no double backward through the loss) and the uncertainty statistics (constants
 # of the loss) are not differentiable: their outputs never require grad, so differentiating them
 # fails loudly instead of silently.
-for _op in (triton_uce_backward, triton_mc_uncertainty):
+for _op in (triton_uce_backward, triton_mc_uncertainty, triton_mc_reduce):
     _op.register_autograd(_no_derivative, setup_context=_mark_constant)
 
 
@@ -319,3 +599,21 @@ def uce_forward(input: Tensor, target: Tensor, samples: Tensor | None, sigma: Te
 def mc_uncertainty(samples: Tensor, correction: int) -> tuple[Tensor, Tensor]:
     """``(sigma, pred)``, each (B, N), from the Triton op for samples (β, B, C, N)."""
     return torch.ops.uce_fast.triton_mc_uncertainty(samples, correction)
+
+
+def mc_accumulate_(mean: Tensor, m2: Tensor, entropy: Tensor, samples: Tensor, count: int,
+                   in_size: tuple[int, int], out_size: tuple[int, int],
+                   align_corners: bool) -> None:
+    """Folds ``samples`` (S, B, C, in_h·in_w) into the state in place (Triton op)."""
+    torch.ops.uce_fast.triton_mc_accumulate_(mean, m2, entropy, samples, count, *in_size,
+                                             *out_size, align_corners)
+
+
+def mc_reduce(samples: Tensor | None, mean: Tensor | None, m2: Tensor | None,
+              entropy: Tensor | None, count: int, in_size: tuple[int, int],
+              out_size: tuple[int, int], align_corners: bool, correction: int,
+              want_probs: bool, want_entropy: bool) -> tuple[Tensor, ...]:
+    """``(sigma, pred, entropy, mutual_info, mean_probs)`` from the Triton op."""
+    return torch.ops.uce_fast.triton_mc_reduce(samples, mean, m2, entropy, count, *in_size,
+                                               *out_size, align_corners, correction, want_probs,
+                                               want_entropy)
