@@ -152,6 +152,176 @@ UCE_HD UCE_INLINE float welford_std(float m2, float inv_denom) {
   return sqrtf(v < 0.0f ? 0.0f : v);
 }
 
+// ---------------------------------------------------------------------------
+// Streaming Monte-Carlo statistics.
+
+// Entropy of softmax(x) without a log per class: with m = max_c x_c,
+// d_c = x_c - m, e_c = exp(d_c), s = sum_c e_c and p_c = e_c / s,
+//   H = -sum_c p_c log p_c = log(s) - sum_c p_c d_c.
+// Both terms are >= 0, so nothing cancels. entropy_term(e_c, d_c) is one
+// summand e_c * d_c of sum_ed = sum_c e_c d_c, 0 where e_c == 0 so that a
+// -inf logit (d_c = -inf, p_c = 0) contributes 0 log 0 = 0 instead of
+// 0 * -inf = NaN; a NaN logit still propagates (e_c is NaN then).
+UCE_HD UCE_INLINE float entropy_term(float e, float d) {
+  const float v = e * d;
+  return e == 0.0f ? 0.0f : v;
+}
+
+// H from s = sum_c e_c, inv_s = 1 / s and sum_ed = sum_c entropy_term(e_c, d_c).
+UCE_HD UCE_INLINE float softmax_entropy(float s, float inv_s, float sum_ed) {
+  return fast_logf(s) - sum_ed * inv_s;
+}
+
+// -p log p with 0 log 0 = 0 (torch.special.entr for p >= 0); NaN propagates.
+UCE_HD UCE_INLINE float entr(float p) {
+  const float v = -p * fast_logf(p);
+  return p == 0.0f ? 0.0f : v;
+}
+
+// Mutual information max(H(mean) - mean entropy, 0), written so that NaN
+// propagates.
+UCE_HD UCE_INLINE float mutual_info(float h_mean, float mean_h) {
+  const float v = h_mean - mean_h;
+  return v < 0.0f ? 0.0f : v;
+}
+
+// Running mean of count k with inv_k = 1 / k: mean += (x - mean) / k.
+UCE_HD UCE_INLINE void mean_update(float x, float inv_k, float& mean) {
+  mean = mean + (x - mean) * inv_k;
+}
+
+// Rounding of a float to the nearest float16 / bfloat16 value (ties to
+// even), returned as float: what storing to that dtype and loading back
+// gives, branch-free so that a loop of calls vectorises. Overflow gives inf,
+// NaN stays NaN.
+UCE_HD UCE_INLINE float round_to_half(float x) {
+  const uint32_t u = float_to_bits(x);
+  const uint32_t sign = u & 0x80000000u;
+  const uint32_t a = u ^ sign;
+  const float ax = bits_to_float(a);
+  // Normal float16 range: 10 mantissa bits.
+  const uint32_t rn = (a + 0x0FFFu + ((a >> 13) & 1u)) & 0xFFFFE000u;
+  // Subnormal range (|x| < 2^-14): multiples of 2^-24, by adding 0.5 (whose
+  // float ulp is 2^-24) and subtracting it again.
+  const float sub = (ax + 0.5f) - 0.5f;
+  uint32_t r = ax < 6.103515625e-05f ? float_to_bits(sub) : rn;
+  r = a >= 0x477FF000u ? 0x7F800000u : r;      // |x| >= 65520 -> inf
+  r = a > 0x7F800000u ? (a | 0x00400000u) : r;  // NaN
+  return bits_to_float(r | sign);
+}
+
+UCE_HD UCE_INLINE float round_to_bf16(float x) {
+  const uint32_t u = float_to_bits(x);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  const uint32_t nan = (u | 0x00400000u) & 0xFFFF0000u;
+  return bits_to_float((u & 0x7FFFFFFFu) > 0x7F800000u ? nan : r);
+}
+
+// Bilinear interpolation exactly as F.interpolate(mode="bilinear")
+// (ATen's UpSample.h index/weight formula, float32), with every product and
+// sum rounded separately: no fused multiply-add anywhere, so the result does
+// not depend on what the compiler contracts.
+//
+// mul_rn / add_rn are a product / sum that is never contracted: __fmul_rn /
+// __fadd_rn on the device, a volatile temporary on the host (only used for
+// the per-dimension tables, never in a vectorised loop).
+UCE_HD UCE_INLINE float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return __fmul_rn(a, b);
+#else
+  volatile float r = a * b;
+  return r;
+#endif
+}
+
+UCE_HD UCE_INLINE float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return __fadd_rn(a, b);
+#else
+  volatile float r = a + b;
+  return r;
+#endif
+}
+
+// IEEE division also on the device (__fdiv_rn holds under -use_fast_math).
+UCE_HD UCE_INLINE float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+// Source coordinate scale of one dim (sizes in_size -> out_size, both >= 1).
+UCE_HD UCE_INLINE float bilinear_scale(int64_t in_size, int64_t out_size,
+                                       bool align_corners) {
+  if (align_corners) {
+    return out_size > 1 ? div_rn((float)(in_size - 1), (float)(out_size - 1))
+                        : 0.0f;
+  }
+  return div_rn((float)in_size, (float)out_size);
+}
+
+// Source taps of output coordinate o along one dim: x[o] = x[i0] * l0 +
+// x[i1] * l1. When in_size == out_size: i0 = i1 = o, l0 = 1, l1 = 0.
+struct BilinearTap {
+  int64_t i0;
+  int64_t i1;
+  float l0;
+  float l1;
+};
+
+UCE_HD UCE_INLINE BilinearTap bilinear_source(int64_t o, int64_t in_size,
+                                              int64_t out_size, float scale,
+                                              bool align_corners) {
+  BilinearTap k;
+  if (in_size == out_size) {
+    k.i0 = o;
+    k.i1 = o;
+    k.l0 = 1.0f;
+    k.l1 = 0.0f;
+    return k;
+  }
+  float src;
+  if (align_corners) {
+    src = mul_rn(scale, (float)o);
+  } else {
+    src = add_rn(mul_rn(scale, add_rn((float)o, 0.5f)), -0.5f);
+    src = src < 0.0f ? 0.0f : src;
+  }
+  const int64_t fl = (int64_t)floorf(src);
+  k.i0 = fl < in_size - 1 ? fl : in_size - 1;
+  const float l1 = add_rn(src, -(float)k.i0);
+  k.l1 = l1 < 0.0f ? 0.0f : (l1 > 1.0f ? 1.0f : l1);
+  k.i1 = k.i0 + (k.i0 < in_size - 1 ? 1 : 0);
+  k.l0 = add_rn(1.0f, -k.l1);
+  return k;
+}
+
+// The interpolated value from the four taps (x_yx: row tap y, column tap x):
+//   ((x00 * l0x + x01 * l1x) * l0y + (x10 * l0x + x11 * l1x) * l1y).
+// On the device every operation is rounded separately; on the host (GCC) the
+// caller must be compiled without contraction (the CPU kernels call it from
+// functions built with fp-contract=off), so that it still vectorises.
+UCE_HD UCE_INLINE float bilinear_value(float x00, float x01, float x10,
+                                       float x11, float l0x, float l1x,
+                                       float l0y, float l1y) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  const float top = __fadd_rn(__fmul_rn(x00, l0x), __fmul_rn(x01, l1x));
+  const float bot = __fadd_rn(__fmul_rn(x10, l0x), __fmul_rn(x11, l1x));
+  return __fadd_rn(__fmul_rn(top, l0y), __fmul_rn(bot, l1y));
+#elif defined(__clang__)
+  // clang's -ffp-contract=fast disregards contraction pragmas.
+  const float top = add_rn(mul_rn(x00, l0x), mul_rn(x01, l1x));
+  const float bot = add_rn(mul_rn(x10, l0x), mul_rn(x11, l1x));
+  return add_rn(mul_rn(top, l0y), mul_rn(bot, l1y));
+#else
+  const float top = x00 * l0x + x01 * l1x;
+  const float bot = x10 * l0x + x11 * l1x;
+  return top * l0y + bot * l1y;
+#endif
+}
+
 // Per-pixel weight (1 + sigma)^alpha (a constant w.r.t. the logits).
 UCE_HD UCE_INLINE float pixel_weight(float sigma, float alpha) {
   return powf(1.0f + sigma, alpha);
