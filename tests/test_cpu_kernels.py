@@ -35,7 +35,8 @@ def test_isa_variant_passes_cpu_parity(isa):
         pytest.skip(f"this CPU runs at most {_best_isa()!r}")
     probe = _run("-c\0from uce_fast import _C; print(_C.cpu_isa())", isa)
     assert probe.stdout.strip() == isa, probe.stderr
-    tests = Path(__file__).with_name("test_functional.py")
+    tests = "\0".join(str(Path(__file__).with_name(name))
+                       for name in ("test_functional.py", "test_accumulator.py"))
     result = _run(f"-m\0pytest\0-q\0-x\0-p\0no:cacheprovider\0{tests}\0-k\0cpu and not slow",
                   isa)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
