@@ -44,8 +44,10 @@ def test_sample_passes_leave_batchnorm_statistics_unchanged():
     model.train()
     before = _bn_buffers(model)
     x = torch.randn(2, 3, 32, 32)
-    samples = draw_mc_samples(model, x, 4)
+    acc, samples = draw_mc_samples(model, x, 4, keep_stack=True)
     assert samples.shape == (4, 2, 5, 32, 32) and not samples.requires_grad
+    assert acc.count == 4 and acc.shape == (2, 5, 32, 32)
+    torch.testing.assert_close(acc.sigma(), uce_fast.predictive_uncertainty(samples))
     after = _bn_buffers(model)
     assert before.keys() == after.keys() and len(before) > 0
     for k in before:
@@ -70,7 +72,7 @@ def test_batch_statistics_mode_matches_the_training_pass_without_updating():
     before = _bn_buffers(model)
     x = torch.randn(2, 3, 32, 32)
     torch.manual_seed(5)
-    samples = draw_mc_samples(model, x, 2, bn="batch")
+    _, samples = draw_mc_samples(model, x, 2, bn="batch", keep_stack=True)
     assert all(torch.equal(v, _bn_buffers(model)[k]) for k, v in before.items())
     assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     torch.manual_seed(5)
@@ -79,6 +81,23 @@ def test_batch_statistics_mode_matches_the_training_pass_without_updating():
     torch.testing.assert_close(samples[0], train_pass)
     with pytest.raises(ValueError, match="bn must be one of"):
         draw_mc_samples(model, x, 2, bn="frozen")
+
+
+def test_low_resolution_sample_passes_equal_the_upsampled_ones():
+    """Sampling before the head's ×4 upsampling, upsampled inside the accumulator's kernels,
+    gives the statistics of the model's own full-resolution passes."""
+    model = _model()
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(3)
+    low, low_stack = draw_mc_samples(model, x, 3, size=(32, 32), keep_stack=True)
+    torch.manual_seed(3)
+    full, full_stack = draw_mc_samples(model, x, 3, keep_stack=True)
+    assert low_stack.shape == (3, 2, 5, 8, 8) and low.shape == full.shape == (2, 5, 32, 32)
+    torch.testing.assert_close(
+        nn.functional.interpolate(low_stack.flatten(0, 1), size=(32, 32), mode="bilinear",
+                                  align_corners=True), full_stack.flatten(0, 1))
+    torch.testing.assert_close(low.sigma(), full.sigma(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(low.stats().mean_probs, full.stats().mean_probs)
 
 
 def test_mc_mode_uses_running_statistics_and_restores_eval_mode():

@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "code's behaviour)")
     g.add_argument("--bn-update-in-samples", action="store_const", dest="sample_bn",
                    const="update", help="same as --sample-bn update")
+    g.add_argument("--low-res-samples", action="store_true",
+                   help="draw the β sample passes at the decoder's 1/4 resolution (before the "
+                        "head's ×4 upsampling) and let the MC accumulator upsample them inside "
+                        "its kernels (same result, no full-resolution sample in memory)")
 
     g.add_argument("--bn-init-batches", type=int, default=10,
                    help="before the first step, set the running statistics of BatchNorm layers "

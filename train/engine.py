@@ -50,45 +50,53 @@ def mc_dropout_mode(model: nn.Module, bn: str = "running") -> Iterator[None]:
       training forward pass, without updating the running statistics.
     * ``"update"``: BatchNorm in train mode, updating its running statistics on every pass (the
       official code's behaviour, which skews them towards the sample passes).
+
+    The first two are ``uce_fast.mc_dropout`` with BatchNorm put in eval / train mode first.
     """
     if bn not in SAMPLE_BN_MODES:
         raise ValueError(f"bn must be one of {SAMPLE_BN_MODES}, got {bn!r}")
     modes = [(m, m.training) for m in model.modules()]
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    tracking = [m.track_running_stats for m in norms]
     model.train()
-    for m in norms:
-        if bn == "running":
-            m.eval()
-        elif bn == "batch":
-            m.track_running_stats = False  # train mode: batch statistics, no update
+    if bn == "running":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     try:
-        yield
+        with contextlib.nullcontext() if bn == "update" else uce_fast.mc_dropout(model):
+            yield
     finally:
         for m, mode in modes:
             m.training = mode
-        for m, track in zip(norms, tracking, strict=True):
-            m.track_running_stats = track
 
 
 @torch.no_grad()
 def draw_mc_samples(model: nn.Module, images: Tensor, beta: int, *, bn: str = "running",
                     autocast: Callable[[], contextlib.AbstractContextManager]
-                    = contextlib.nullcontext) -> Tensor:
-    """Logits of ``beta`` stochastic (MC-dropout) forward passes, stacked: (β, B, C, H, W).
+                    = contextlib.nullcontext, size: tuple[int, int] | None = None,
+                    keep_stack: bool = False, backend: str = "auto",
+                    ) -> tuple[uce_fast.MCAccumulator, Tensor | None]:
+    """``beta`` stochastic (MC-dropout) forward passes, streamed into a ``uce_fast.MCAccumulator``.
 
-    Runs without gradient, dropout on, BatchNorm per ``mc_dropout_mode(model, bn)``. The stack
-    keeps the logits' dtype (the autocast dtype under AMP). This is the one place the samples are
-    produced, so a streaming consumer can replace it.
+    Runs without gradient, dropout on, BatchNorm per ``mc_dropout_mode(model, bn)``. No stack of
+    samples is built: each pass is folded into the accumulator (whose memory does not depend on
+    ``beta``) and freed. With ``size`` the passes stop before the model's final ×4 upsampling
+    (``model(images, upsample=False)``) and the accumulator upsamples to ``size`` inside its
+    kernels, with the head's ``align_corners=True``, so no full-resolution sample exists at all.
+    With ``keep_stack`` the passes are also returned stacked, (β, B, C, h, w) in the logits' dtype
+    (the autocast dtype under AMP) — for the parity check, which needs them.
+
+    Returns ``(accumulator, stack or None)``.
     """
+    acc = uce_fast.MCAccumulator(size, align_corners=True, backend=backend, capacity=beta)
+    stack = []
     with mc_dropout_mode(model, bn), autocast():
-        first = model(images)
-        samples = first.new_empty((beta, *first.shape))
-        samples[0] = first
-        del first
-        for i in range(1, beta):
-            samples[i] = model(images)
-    return samples
+        for _ in range(beta):
+            logits = model(images, upsample=False) if size is not None else model(images)
+            acc.update(logits)
+            if keep_stack:
+                stack.append(logits)
+            del logits
+    return acc, torch.stack(stack) if keep_stack else None
 
 
 @torch.no_grad()
@@ -173,14 +181,16 @@ def parity_check(loss: Tensor, logits: Tensor, logits_grad: Tensor, target: Tens
     """Recompute U-CE and its logits gradient with ``backend="torch"`` and compare.
 
     ``loss`` and ``logits_grad`` are what the training step got from the configured backend;
-    ``logits_grad`` is the gradient of ``loss * grad_scale`` (the GradScaler's scale, 1 without
-    one), so the reference gradient is taken of the scaled reference loss too: both are then the
-    same rounding of the same quantity. The gradient difference is relative to max |reference|.
+    ``samples`` is the stack of the passes (low-resolution ones are upsampled as the model's head
+    does, ``align_corners=True``). ``logits_grad`` is the gradient of ``loss * grad_scale`` (the
+    GradScaler's scale, 1 without one), so the reference gradient is taken of the scaled
+    reference loss too: both are then the same rounding of the same quantity. The gradient
+    difference is relative to max |reference|.
     """
     ref_in = logits.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         ref = uce_fast.uce_loss(ref_in, target, samples, alpha=alpha, ignore_index=ignore_index,
-                                backend="torch")
+                                backend="torch", align_corners=True)
         (ref_grad,) = torch.autograd.grad(ref * grad_scale, ref_in)
     tol = default_check_tolerance(logits.dtype) if tol is None else tol
     value, ref_value = float(loss.detach()), float(ref.detach())
@@ -199,7 +209,7 @@ def parity_check(loss: Tensor, logits: Tensor, logits_grad: Tensor, target: Tens
 
 
 def compute_loss(kind: str, criterion: nn.Module | None, logits: Tensor, target: Tensor,
-                 samples: Tensor | None, ignore_index: int) -> Tensor:
+                 samples: uce_fast.MCAccumulator | Tensor | None, ignore_index: int) -> Tensor:
     """CE (``F.cross_entropy`` in float32, as ``nn.CrossEntropyLoss``) or U-CE (``criterion``)."""
     if kind == "ce":
         return F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
@@ -216,7 +226,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, num_classes:
 
     With ``mc_samples >= 2`` the prediction is the argmax of the mean softmax of that many
     MC-dropout passes (BatchNorm in eval mode) and sigma is U-CE's predictive uncertainty
-    (``uce_fast.predictive_uncertainty``); otherwise one deterministic pass in eval mode.
+    (``uce_fast.mc_stats`` of an accumulator); otherwise one deterministic pass in eval mode.
     Dropout masks come from a forked RNG seeded with ``seed``, so evaluation neither depends on
     nor disturbs the training RNG. ``on_batch(images, labels, pred, uncertainty)`` is called for
     each batch (for panels).
@@ -230,14 +240,11 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, num_classes:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             if mc_samples >= 2:
-                samples = draw_mc_samples(model, images, mc_samples, autocast=autocast)
-                sigma, pred = uce_fast.predictive_uncertainty(samples, return_prediction=True)
-                probs = torch.zeros(samples.shape[1:], dtype=torch.float32, device=device)
-                for s in samples:
-                    probs += torch.softmax(s.float(), dim=1)
-                probs /= mc_samples
-                del samples
-                conf = probs.gather(1, pred.unsqueeze(1)).squeeze(1)
+                acc, _ = draw_mc_samples(model, images, mc_samples, autocast=autocast)
+                stats = uce_fast.mc_stats(acc)
+                del acc
+                pred, sigma = stats.pred, stats.sigma
+                conf = stats.mean_probs.gather(1, pred.unsqueeze(1)).squeeze(1)
                 uncertainty = sigma
             else:
                 model.eval()

@@ -322,11 +322,12 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, object]:
                 with autocast():
                     logits = net(images)
                 timer.lap("forward")
-                samples = None
+                samples = stack = None
                 if criterion is not None:
-                    samples = draw_mc_samples(model, images, args.beta,
-                                              bn=args.sample_bn,
-                                              autocast=autocast)
+                    samples, stack = draw_mc_samples(
+                        model, images, args.beta, bn=args.sample_bn, autocast=autocast,
+                        size=tuple(logits.shape[-2:]) if args.low_res_samples else None,
+                        keep_stack=check, backend=args.backend)
                     timer.lap("samples")
                 if check:
                     logits.retain_grad()
@@ -344,7 +345,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, object]:
                                              "GradScaler skips this step)"}
                     else:
                         result = parity_check(
-                            loss, logits, grad, labels, samples, alpha=args.alpha,
+                            loss, logits, grad, labels, stack, alpha=args.alpha,
                             ignore_index=IGNORE_INDEX, tol=args.check_tol,
                             grad_scale=float(scaler.get_scale()) if scaler.is_enabled() else 1.0)
                         parity = result.as_dict()
@@ -354,7 +355,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, object]:
                                   f"{iteration + 1}: {result.describe()}", file=sys.stderr,
                                   flush=True)
                             torch.save({"logits": logits.detach().cpu(), "target": labels.cpu(),
-                                        "samples": samples.cpu(), "alpha": args.alpha,
+                                        "samples": stack.cpu(), "alpha": args.alpha,
                                         "result": parity},
                                        out_dir / f"parity_failure_rank{rank}.pt")
                     timer.lap("check")
@@ -364,7 +365,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, object]:
                 scheduler.step()
                 timer.lap("optimizer")
                 timer.end_step()
-                del logits, samples
+                del logits, samples, stack
                 iteration += 1
                 step_in_epoch += 1
 
