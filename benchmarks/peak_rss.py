@@ -22,13 +22,13 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def _reset_peak() -> None:
+def reset_peak() -> None:
     """Make the peak RSS start from the current RSS (Linux: writing 5 to clear_refs)."""
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     # VmHWM belongs to this process's memory map; getrusage's ru_maxrss would also carry the
     # parent's peak across fork+exec, hiding any growth below it.
     return _status_kib("VmHWM") * 1024
@@ -40,10 +40,10 @@ def main(argv: list[str]) -> None:
     # Warm up on a tiny problem so code pages and thread pools are not counted as loss memory.
     fn(*make_inputs(2, 1, classes, (8, 8))).backward()
     logits, target, stack = make_inputs(beta, batch, classes, (height, width))
-    _reset_peak()
-    before = _peak_rss_bytes()
+    reset_peak()
+    before = peak_rss_bytes()
     fn(logits, target, stack).backward()
-    extra = _peak_rss_bytes() - before
+    extra = peak_rss_bytes() - before
     inputs = sum(t.numel() * t.element_size() for t in (logits, target, stack))
     print(json.dumps({"name": name, "inputs_bytes": inputs,
                       "stack_bytes": stack.numel() * stack.element_size(),

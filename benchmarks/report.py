@@ -68,12 +68,46 @@ def cuda_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def mc_table(rows: list[dict]) -> str:
+    """Markdown for the Monte-Carlo suites: per pipeline and β, the median time of β passes plus
+    the loss forward+backward, the peak extra memory of the passes and the loss forward (the
+    Monte-Carlo memory) and that relative to the full-resolution accumulator's at the same β,
+    the peak of the whole step, and the bytes the samples' container holds."""
+    lines = ["| shape | pipeline | β | median passes+loss fwd+bwd (ms) "
+             "| peak extra, passes+loss fwd (MiB) | vs accumulator "
+             "| peak extra, whole step (MiB) | samples held (MiB) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    acc = {(r["shape"], r["beta"]): r.get("extra_bytes") for r in rows
+           if r["impl"] == "accumulator"}
+    for r in rows:
+        extra = r.get("extra_bytes")
+        ref = acc.get((r["shape"], r["beta"]))
+        mem = f"{extra / 2**20:.1f}" if extra is not None else "—"
+        rel = f"{extra / ref:.3f}" if extra is not None and ref else "—"
+        held = f"{r['held_bytes'] / 2**20:.1f}" if "held_bytes" in r else "—"
+        median = _fmt_ms(r["median_s"]) if "median_s" in r else "—"
+        step = f"{r['step_bytes'] / 2**20:.1f}" if "step_bytes" in r else "—"
+        lines.append(f"| {r['shape']} | {r['impl']} | {r['beta']} | {median} | {mem} | {rel} "
+                     f"| {step} | {held} |")
+    return "\n".join(lines)
+
+
 def write_suite(directory: Path, suite: str, rows: list[dict], machine: str) -> None:
     merged: dict[tuple, dict] = {}
-    for r in rows:  # time and memory of one (shape, impl) may come from separate tests
-        merged.setdefault((r["shape"], r["impl"]), {}).update(r)
+    for r in rows:  # time and memory of one (shape, impl[, β]) may come from separate tests
+        merged.setdefault((r["shape"], r["impl"], r.get("beta")), {}).update(r)
     rows = list(merged.values())
     (directory / f"{suite}.json").write_text(json.dumps({"machine": machine, "rows": rows},
                                                         indent=2))
-    body = cuda_table(rows) if suite == "cuda" else table(rows)
+    if suite.startswith("mc-"):
+        order = list(dict.fromkeys(r["impl"] for r in rows))
+        rows.sort(key=lambda r: (r["shape"], order.index(r["impl"]), r["beta"]))
+        body = mc_table(rows)
+        from plot import plot_mc  # matplotlib is only needed for this plot
+
+        png = plot_mc(directory / f"{suite}.json")
+        if png is not None:
+            body += f"\n\n![{suite}](docs/{png.name})"
+    else:
+        body = cuda_table(rows) if suite == "cuda" else table(rows)
     (directory / f"{suite}.md").write_text(f"Machine: {machine}\n\n{body}\n")
