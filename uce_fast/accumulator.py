@@ -71,9 +71,10 @@ class MCAccumulator:
 
     Args:
         size: (H, W) of the statistics when the samples come at a lower (or any other)
-            resolution: each sample is upsampled on the fly exactly as
-            ``F.interpolate(sample, size, mode="bilinear", align_corners=align_corners)`` (float32
-            arithmetic, rounded to the sample's dtype), inside the kernels. Default None: the
+            resolution: each sample is upsampled on the fly, inside the kernels, with the source
+            index and weight formula of ``F.interpolate(sample, size, mode="bilinear",
+            align_corners=align_corners)`` (float32 arithmetic, each operation rounded; the value
+            rounded to the sample's dtype). Default None: the
             samples' own spatial shape (any number of spatial dims).
         align_corners: as in ``F.interpolate``; default False. DeepLabV3+ heads use True.
         backend: "auto" (default), "torch", "cpu", "cuda" or "triton", chosen at the first
