@@ -35,54 +35,9 @@ namespace uce_cuda {
 namespace detail {
 
 // ---------------------------------------------------------------------------
-// Bilinear source taps.
-
-// One output coordinate o along a dim of in -> out: source indices and
-// weights. float32, each product and sum rounded on its own (no FMA
-// contraction), as ATen's CPU upsampling (UpSample.h); a dim of equal sizes is
-// a copy (i0 = i1 = o, l1 = 0).
-struct Axis {
-  int64_t i0, i1;
-  float l0, l1;
-};
-
-__device__ __forceinline__ Axis source_axis(int64_t o, int64_t in, int64_t out,
-                                            float scale, bool align_corners) {
-  Axis t;
-  if (in == out) {
-    t.i0 = o;
-    t.i1 = o;
-    t.l0 = 1.0f;
-    t.l1 = 0.0f;
-    return t;
-  }
-  const float of = static_cast<float>(o);
-  float src;
-  if (align_corners) {
-    src = __fmul_rn(scale, of);
-  } else {
-    src = __fsub_rn(__fmul_rn(scale, __fadd_rn(of, 0.5f)), 0.5f);
-    src = src < 0.0f ? 0.0f : src;
-  }
-  int64_t i0 = static_cast<int64_t>(floorf(src));
-  i0 = i0 < in - 1 ? i0 : in - 1;
-  float l1 = __fsub_rn(src, static_cast<float>(i0));
-  l1 = l1 < 0.0f ? 0.0f : (l1 > 1.0f ? 1.0f : l1);
-  t.i0 = i0;
-  t.i1 = i0 + (i0 < in - 1 ? 1 : 0);
-  t.l1 = l1;
-  t.l0 = __fsub_rn(1.0f, l1);
-  return t;
-}
-
-// Host: the per-dim scale (float32 as ATen's area_pixel_compute_scale).
-inline float source_scale(int64_t in, int64_t out, bool align_corners) {
-  if (align_corners) {
-    return out > 1 ? static_cast<float>(in - 1) / static_cast<float>(out - 1)
-                   : 0.0f;
-  }
-  return static_cast<float>(in) / static_cast<float>(out);
-}
+// Bilinear source taps: uce::bilinear_scale (host, per dim) and
+// uce::bilinear_source (per output coordinate) give F.interpolate's indices
+// and weights, every product and sum rounded on its own.
 
 // Taps of the thread's V pixels: element offsets of (y0, x0), (y0, x1),
 // (y1, x0), (y1, x1) of class 0 of the pixel's batch row in a sample, and the
@@ -109,8 +64,10 @@ __device__ __forceinline__ void make_taps(Taps<V, true>& t,
     const int64_t n = q - b * N;
     const int64_t oy = n / a.out_w;
     const int64_t ox = n - oy * a.out_w;
-    const Axis y = source_axis(oy, a.in_h, a.out_h, scale_h, a.align_corners);
-    const Axis x = source_axis(ox, a.in_w, a.out_w, scale_w, a.align_corners);
+    const uce::BilinearTap y =
+        uce::bilinear_source(oy, a.in_h, a.out_h, scale_h, a.align_corners);
+    const uce::BilinearTap x =
+        uce::bilinear_source(ox, a.in_w, a.out_w, scale_w, a.align_corners);
     const int64_t base = b * a.C * plane;
     t.off[v][0] = base + y.i0 * a.in_w + x.i0;
     t.off[v][1] = base + y.i0 * a.in_w + x.i1;
@@ -141,13 +98,12 @@ __device__ __forceinline__ void sample_row(const ElemT<D>* __restrict__ xs,
         const float x01 = Elem<D>::load(__ldg(r + t.off[v][1]));
         const float x10 = Elem<D>::load(__ldg(r + t.off[v][2]));
         const float x11 = Elem<D>::load(__ldg(r + t.off[v][3]));
-        const float top =
-            __fadd_rn(__fmul_rn(x00, t.lx0[v]), __fmul_rn(x01, t.lx1[v]));
-        const float bot =
-            __fadd_rn(__fmul_rn(x10, t.lx0[v]), __fmul_rn(x11, t.lx1[v]));
-        const float val =
-            __fadd_rn(__fmul_rn(top, t.ly0[v]), __fmul_rn(bot, t.ly1[v]));
-        out[v] = Elem<D>::load(Elem<D>::store(val));  // identity for fp32
+        const float val = uce::bilinear_value(x00, x01, x10, x11, t.lx0[v],
+                                              t.lx1[v], t.ly0[v], t.ly1[v]);
+        // Rounded to the samples' dtype by the hardware conversion (identity
+        // for fp32); not uce::round_to_half / round_to_bf16, which keep a NaN's
+        // sign and payload where the conversion gives the canonical NaN.
+        out[v] = Elem<D>::load(Elem<D>::store(val));
       }
     }
   } else {
@@ -198,7 +154,9 @@ __device__ __forceinline__ int64_t opaque(int64_t x) {
   return x;
 }
 
-// -p log p as torch.special.entr: 0 at 0, -inf below 0, NaN stays NaN.
+// -p log p as torch.special.entr: 0 at 0, -inf below 0, NaN stays NaN. Not
+// uce::entr, which takes the log from fast_logf (other roundings than logf)
+// and gives NaN below 0.
 __device__ __forceinline__ float entr(float p) {
   const float kInf = __int_as_float(0x7f800000);
   if (p > 0.0f) return -p * logf(p);
@@ -221,9 +179,8 @@ __device__ __forceinline__ void reduce_store(const McArgs& a,
     a.sigma_out[q] = uce::welford_std(best_m2[v], a.inv_denom);
     a.pred_out[q] = idx[v];
     if (a.entropy_out != nullptr) {
-      const float mi = hmean[v] - ent[v];
       a.entropy_out[q] = hmean[v];
-      a.mutual_info_out[q] = mi < 0.0f ? 0.0f : mi;
+      a.mutual_info_out[q] = uce::mutual_info(hmean[v], ent[v]);
     }
   }
 }
@@ -328,7 +285,7 @@ __global__ void __launch_bounds__(kRegThreads)
             const float e = exp_f(d);
             x[c][v] = e;
             sum[v] += e;
-            te[v] += e == 0.0f ? 0.0f : e * d;
+            te[v] += uce::entropy_term(e, d);
           }
         }
       }
@@ -344,10 +301,11 @@ __global__ void __launch_bounds__(kRegThreads)
           }
         }
       }
+      // H as uce::softmax_entropy, but with logf (fast_logf rounds otherwise).
 #pragma unroll
       for (int v = 0; v < V; ++v) {
         const float h = logf(sum[v]) - te[v] * inv[v];
-        ent[v] = ent[v] + (h - ent[v]) * inv_k;
+        uce::mean_update(h, inv_k, ent[v]);
       }
     }
 
@@ -558,7 +516,7 @@ __global__ void __launch_bounds__(kMcChunkThreads)
             for (int v = 0; v < V; ++v) {
               const float d = x[k][v] - ms[v];
               const float e = exp_f(d);
-              te[v] += e == 0.0f ? 0.0f : e * d;
+              te[v] += uce::entropy_term(e, d);
               uce::welford_update(e * inv[v], inv_k, mean[k][v], m2[k][v]);
             }
           }
@@ -620,7 +578,7 @@ __global__ void __launch_bounds__(kMcChunkThreads)
             row + P + v * static_cast<int64_t>(blockDim.x) + threadIdx.x;
         const float sum = stat[slot];
         const float h = logf(sum) - stat[slot + P] * (1.0f / sum);
-        ent[v] = ent[v] + (h - ent[v]) * inv_k;
+        uce::mean_update(h, inv_k, ent[v]);
       }
     }
     if constexpr (!kReduce) {
@@ -707,8 +665,8 @@ cudaError_t launch_mc_state_chunked(const McArgs& a, float scale_h,
 template <DType ST, bool kReduce>
 cudaError_t launch_mc_state(const McArgs& a, float* scratch,
                             cudaStream_t stream) {
-  const float scale_h = source_scale(a.in_h, a.out_h, a.align_corners);
-  const float scale_w = source_scale(a.in_w, a.out_w, a.align_corners);
+  const float scale_h = uce::bilinear_scale(a.in_h, a.out_h, a.align_corners);
+  const float scale_w = uce::bilinear_scale(a.in_w, a.out_w, a.align_corners);
   if (a.C <= 4) {
     return launch_mc_state_bucket<ST, 4, 8, kReduce>(a, scale_h, scale_w,
                                                      stream);
