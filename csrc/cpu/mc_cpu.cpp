@@ -39,6 +39,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/mc_checks.h"
 #include "cpu/cpu_common.h"
 
 #ifdef UCE_X86
@@ -866,75 +867,20 @@ void run_mc(const McParams& p) {
 // ---------------------------------------------------------------------------
 // Argument checking.
 
-struct Geometry {
-  int64_t in_plane;  // in_h * in_w
-  int64_t N;         // out_h * out_w
-  bool resample;
+// Shared checks (csrc/common/mc_checks.h) with the CPU device check, plus the
+// CPU kernels' own bound: their interpolation offsets are 32-bit.
+const auto kCpu = [](const at::Tensor& t, const char* name) {
+  check_cpu(t, name);
 };
 
-Geometry check_geometry(int64_t in_h, int64_t in_w, int64_t out_h,
-                        int64_t out_w) {
-  TORCH_CHECK_VALUE(in_h >= 0 && in_w >= 0 && out_h >= 0 && out_w >= 0,
-                    "uce_fast: sizes must be non-negative, got in_size (",
-                    in_h, ", ", in_w, "), out_size (", out_h, ", ", out_w,
-                    ")");
-  TORCH_CHECK_VALUE(in_h <= INT32_MAX && in_w <= INT32_MAX &&
-                        out_h <= INT32_MAX && out_w <= INT32_MAX,
-                    "uce_fast: spatial size too large");
-  Geometry g;
-  g.in_plane = in_h * in_w;
-  g.N = out_h * out_w;
-  g.resample = in_h != out_h || in_w != out_w;
-  if (g.resample) {
-    TORCH_CHECK_VALUE(g.N == 0 || (in_h > 0 && in_w > 0),
-                      "uce_fast: cannot resample an empty (", in_h, ", ",
-                      in_w, ") input to (", out_h, ", ", out_w, ")");
-    TORCH_CHECK(g.in_plane <= INT32_MAX,
-                "uce_fast: resampled samples must have fewer than 2^31 "
-                "pixels per class, got ",
-                g.in_plane);
-  }
+uce_mc::Geometry check_geometry(int64_t in_h, int64_t in_w, int64_t out_h,
+                                int64_t out_w) {
+  const uce_mc::Geometry g = uce_mc::check_geometry(in_h, in_w, out_h, out_w);
+  TORCH_CHECK(!g.resample || g.in_plane <= INT32_MAX,
+              "uce_fast: resampled samples must have fewer than 2^31 "
+              "pixels per class, got ",
+              g.in_plane);
   return g;
-}
-
-// Validates samples (S, B, C, in_h * in_w); returns S.
-int64_t check_mc_samples(const at::Tensor& s, int64_t in_plane) {
-  check_logits(s, "samples");
-  TORCH_CHECK(s.dim() == 4,
-              "uce_fast: samples must have shape (S, B, C, in_h * in_w), "
-              "got ",
-              s.sizes());
-  TORCH_CHECK(s.size(3) == in_plane, "uce_fast: samples have ", s.size(3),
-              " pixels per class, expected in_h * in_w = ", in_plane);
-  TORCH_CHECK(s.size(2) >= 1,
-              "uce_fast: samples must have at least one class");
-  TORCH_CHECK(s.size(2) <= INT32_MAX,
-              "uce_fast: samples has too many classes");
-  TORCH_CHECK(s.size(0) <= INT32_MAX, "uce_fast: too many samples");
-  return s.size(0);
-}
-
-// Validates the state mean, m2 (B, C, N) and entropy (B, N), float32.
-void check_state(const at::Tensor& mean, const at::Tensor& m2,
-                 const at::Tensor& entropy, int64_t N) {
-  const auto check_bcn = [N](const at::Tensor& t, const char* name) {
-    check_cpu(t, name);
-    TORCH_CHECK(t.scalar_type() == at::kFloat, "uce_fast: ", name,
-                " must be float32, got ", t.scalar_type());
-    TORCH_CHECK(t.dim() == 3 && t.size(2) == N, "uce_fast: ", name,
-                " must have shape (B, C, ", N, "), got ", t.sizes());
-    TORCH_CHECK(t.is_contiguous(), "uce_fast: ", name,
-                " must be contiguous");
-  };
-  check_bcn(mean, "mean");
-  check_bcn(m2, "m2");
-  TORCH_CHECK(m2.sizes() == mean.sizes(), "uce_fast: m2 must have the shape ",
-              mean.sizes(), " of mean, got ", m2.sizes());
-  TORCH_CHECK(mean.size(1) >= 1,
-              "uce_fast: the state must have at least one class");
-  TORCH_CHECK(mean.size(1) <= INT32_MAX,
-              "uce_fast: the state has too many classes");
-  check_f32_bn(entropy, "entropy", mean.size(0), N);
 }
 
 // ---------------------------------------------------------------------------
@@ -944,15 +890,9 @@ void mc_accumulate_cpu(const at::Tensor& mean, const at::Tensor& m2,
                        const at::Tensor& entropy, const at::Tensor& samples,
                        int64_t count, int64_t in_h, int64_t in_w,
                        int64_t out_h, int64_t out_w, bool align_corners) {
-  const Geometry geo = check_geometry(in_h, in_w, out_h, out_w);
-  check_state(mean, m2, entropy, geo.N);
-  const int64_t S = check_mc_samples(samples, geo.in_plane);
-  const int64_t B = mean.size(0);
-  const int64_t C = mean.size(1);
-  TORCH_CHECK(samples.size(1) == B && samples.size(2) == C,
-              "uce_fast: samples must have shape (S, ", B, ", ", C, ", ",
-              geo.in_plane, ") to match the state, got ", samples.sizes());
-  TORCH_CHECK_VALUE(count >= 0, "uce_fast: count must be >= 0, got ", count);
+  const uce_mc::Geometry geo = check_geometry(in_h, in_w, out_h, out_w);
+  const auto [B, C, S] =
+      uce_mc::check_accumulate(mean, m2, entropy, samples, count, geo, kCpu);
   if (B * geo.N == 0 || S == 0) return;
 
   McParams p;
@@ -992,52 +932,16 @@ mc_reduce_cpu(const std::optional<at::Tensor>& samples,
               int64_t in_h, int64_t in_w, int64_t out_h, int64_t out_w,
               bool align_corners, int64_t correction, bool want_probs,
               bool want_entropy) {
-  const Geometry geo = check_geometry(in_h, in_w, out_h, out_w);
-  const bool has_samples = samples.has_value() && samples->defined();
-  const int n_state = (mean.has_value() && mean->defined()) +
-                      (m2.has_value() && m2->defined()) +
-                      (entropy.has_value() && entropy->defined());
-  TORCH_CHECK(n_state == 0 || n_state == 3,
-              "uce_fast: give all of mean, m2 and entropy or none of them");
-  const bool has_state = n_state == 3;
-  TORCH_CHECK_VALUE(count >= 0, "uce_fast: count must be >= 0, got ", count);
-  TORCH_CHECK(count == 0 || has_state,
-              "uce_fast: mean, m2 and entropy are required when count > 0");
-  TORCH_CHECK(has_samples || has_state,
-              "uce_fast: need samples or a state to reduce");
-  int64_t B = 0, C = 0, S = 0;
-  if (has_state) {
-    check_state(*mean, *m2, *entropy, geo.N);
-    B = mean->size(0);
-    C = mean->size(1);
-  }
-  if (has_samples) {
-    S = check_mc_samples(*samples, geo.in_plane);
-    if (has_state) {
-      TORCH_CHECK(samples->size(1) == B && samples->size(2) == C,
-                  "uce_fast: samples must have shape (S, ", B, ", ", C, ", ",
-                  geo.in_plane, ") to match the state, got ",
-                  samples->sizes());
-    } else {
-      B = samples->size(1);
-      C = samples->size(2);
-    }
-  }
+  const uce_mc::Geometry geo = check_geometry(in_h, in_w, out_h, out_w);
+  const uce_mc::ReduceInputs in =
+      uce_mc::check_reduce_inputs(samples, mean, m2, entropy, count);
+  const bool has_samples = in.has_samples;
+  const uce_mc::Sizes z = uce_mc::check_reduce(
+      samples, mean, m2, entropy, count, correction, geo, in, kCpu);
+  const int64_t B = z.B, C = z.C, S = z.S, N = geo.N;
   const int64_t n = count + S;
-  TORCH_CHECK_VALUE(correction >= 0 && correction < n,
-                    "uce_fast: correction must be in [0, n) = [0, ", n,
-                    ") for n = count + S samples, got ", correction);
-  const int64_t N = geo.N;
-
-  const auto opts =
-      (has_samples ? *samples : *mean).options().dtype(at::kFloat);
-  at::Tensor sigma = at::empty({B, N}, opts);
-  at::Tensor pred = at::empty({B, N}, opts.dtype(at::kLong));
-  at::Tensor h = want_entropy ? at::empty({B, N}, opts) : at::empty({0}, opts);
-  at::Tensor mi =
-      want_entropy ? at::empty({B, N}, opts) : at::empty({0}, opts);
-  at::Tensor probs =
-      want_probs ? at::empty({B, C, N}, opts) : at::empty({0}, opts);
+  auto [sigma, pred, h, mi, probs] = uce_mc::reduce_outputs(
+      has_samples ? *samples : *mean, z, N, want_probs, want_entropy);
   if (B * N == 0) return {sigma, pred, h, mi, probs};
 
   McParams p;
