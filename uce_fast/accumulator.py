@@ -160,14 +160,13 @@ class MCAccumulator:
         return self._filled if self._prealloc is not None else sum(t.shape[0] for t in self._buffer)
 
     @property
-    def _in_size(self) -> tuple[int, int]:
+    def _op_sizes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(in_size, out_size) for the ops: (h, w) and (H, W) when resampling, else (1, N) twice
+        (any spatial shape, flattened)."""
         if self._resized:
-            return tuple(self._shape[2:])  # type: ignore[return-value]
-        return 1, math.prod(self._out_spatial)
-
-    @property
-    def _out_size(self) -> tuple[int, int]:
-        return tuple(self._out_spatial) if self._resized else (1, math.prod(self._out_spatial))
+            return tuple(self._shape[2:]), tuple(self._out_spatial)  # type: ignore[return-value]
+        flat = (1, math.prod(self._out_spatial))
+        return flat, flat
 
     @property
     def _resized(self) -> bool:
@@ -279,7 +278,7 @@ class MCAccumulator:
                            torch.empty((batch, classes, pixels), **opts),
                            torch.empty((batch, pixels), **opts))
         _dispatch.kernel_ops(self.backend).mc_accumulate_(
-            *self._state, self._flat(stack), self._count, self._in_size, self._out_size,
+            *self._state, self._flat(stack), self._count, *self._op_sizes,
             self.align_corners)
         self._count += stack.shape[0]
 
@@ -303,7 +302,7 @@ class MCAccumulator:
         ops = _dispatch.kernel_ops(self.backend)
         sigma, pred, entropy, mutual_info, mean_probs = ops.mc_reduce(
             None if samples is None else self._flat(samples), *state, self._count,
-            self._in_size, self._out_size, self.align_corners, correction, want_probs,
+            *self._op_sizes, self.align_corners, correction, want_probs,
             want_entropy)
         batch, classes = self._shape[:2]
         maps = (batch, *self._out_spatial)
