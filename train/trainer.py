@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import math
@@ -474,5 +475,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         if info.distributed and dist.is_initialized():
+            # The DDP wrapper of the finished run holds the process group and sits in reference
+            # cycles; free it now, while the interpreter is whole, so that the group's worker
+            # threads are not torn down during interpreter finalisation (which can abort).
+            gc.collect()
             dist.destroy_process_group()
     return 0
