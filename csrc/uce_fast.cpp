@@ -15,8 +15,6 @@ TORCH_LIBRARY(uce_fast, m) {
       "uce_backward(Tensor grad_loss, Tensor input, Tensor target, "
       "Tensor lse, Tensor pixel_weight, Tensor? weight, int ignore_index, "
       "float label_smoothing) -> Tensor");
-  // (sigma float32 (B, N), pred int64 (B, N)).
-  m.def("mc_uncertainty(Tensor samples, int correction) -> (Tensor, Tensor)");
   // Streaming Monte-Carlo statistics (contract in uce_fast/ops.py): fold
   // samples (S, B, C, in_h*in_w), bilinearly upsampled to out_h x out_w on the
   // fly, into the float32 state mean/m2 (B, C, N) and entropy (B, N) in place.
@@ -39,7 +37,6 @@ TORCH_LIBRARY(uce_fast, m) {
 // uce_forward's autograd formula is registered from Python (uce_fast/ops.py).
 TORCH_LIBRARY_IMPL(uce_fast, Autograd, m) {
   m.impl("uce_backward", torch::CppFunction::makeFallthrough());
-  m.impl("mc_uncertainty", torch::CppFunction::makeFallthrough());
   m.impl("mc_accumulate_", torch::CppFunction::makeFallthrough());
   m.impl("mc_reduce", torch::CppFunction::makeFallthrough());
 }

@@ -26,6 +26,15 @@ def _flat(input, target, samples):
             samples.reshape(samples.shape[0], batch, classes, -1))
 
 
+def _sigma_pred(samples, correction=1, **kw):
+    """(sigma, pred) of a (β, B, C, N) stack from the mc_reduce launcher (``chunk_c``/``wide``
+    passed through)."""
+    pixels = samples.shape[-1]
+    sigma, pred, *_ = _ops()._mc_reduce(samples, None, None, None, 0, 1, pixels, 1, pixels,
+                                        False, correction, False, False, **kw)
+    return sigma, pred
+
+
 def _expected(input, target, samples, weight=None, alpha=3.0, ignore_index=-100,
               label_smoothing=0.0, correction=1):
     """float64 reference: (sigma, pred, per-pixel loss, lse)."""
@@ -46,13 +55,15 @@ def test_chunked_path_matches_reference(backend, dtype, classes, chunk, beta):
     weight = torch.rand(classes, generator=torch.Generator().manual_seed(0)).to(input.device)
     sigma, pred, loss, lse = _expected(input, target, samples, weight=weight,
                                        label_smoothing=0.1)
-    got_sigma, got_pred = _ops()._mc_uncertainty(samples, 1, chunk_c=chunk)
+    got_sigma, got_pred = _sigma_pred(samples, chunk_c=chunk)
     assert torch.equal(got_pred.cpu(), pred.cpu())
     assert_close(got_sigma, sigma.float(), dtype=torch.float32, scale=5)
-    got_loss, got_lse, _ = _ops()._forward(input, target, samples, None, weight, 3.0, -100, 0.1,
-                                           1, chunk_c=chunk)
+    got_loss, got_lse, got_weight = _ops()._forward(input, target, samples, None, weight, 3.0,
+                                                    -100, 0.1, 1, chunk_c=chunk)
     assert_close(got_loss, loss.float(), dtype=torch.float32, scale=5)
     assert_close(got_lse, lse.float(), dtype=torch.float32, scale=5)
+    # The fused forward's own sigma, through its weight (1 + sigma)^3.
+    assert_close(got_weight, (1 + sigma.float()) ** 3, dtype=torch.float32, scale=5)
 
 
 @pytest.mark.parametrize("chunk", [None, 8])
@@ -69,7 +80,7 @@ def test_int64_tile_offsets_give_identical_results(backend, chunk):
                                                0.1, 1, chunk_c=chunk, wide=wide)
         grad = ops._backward(grad_loss, input, target, lse, pixel_weight, weight, -100, 0.1,
                              wide=wide)
-        sigma, pred = ops._mc_uncertainty(samples, 1, chunk_c=chunk, wide=wide)
+        sigma, pred = _sigma_pred(samples, chunk_c=chunk, wide=wide)
         return dict(loss=loss, lse=lse, weight=pixel_weight, grad=grad, sigma=sigma, pred=pred)
 
     narrow, wide = run(False), run(True)
@@ -86,7 +97,7 @@ def test_ties_and_nan_across_chunks(backend, chunk):
     samples[:, 0, 7, 1] = 3.0  # pixel 1: a single maximum in the second chunk
     samples[1, 0, 6, 2] = float("nan")  # pixel 2: NaN in one sample: every mean is NaN
     samples[0, 0, 10, 3] = float("-inf")  # pixel 3: a -inf logit, class 10 gets p = 0
-    sigma, pred = _ops()._mc_uncertainty(samples, 1, chunk_c=chunk)
+    sigma, pred = _sigma_pred(samples, chunk_c=chunk)
     ref_sigma, ref_pred = reference.mc_uncertainty(samples.double(), 1)
     assert pred[0].tolist() == ref_pred[0].tolist() == [2, 7, 0, 0]
     assert_close(sigma, ref_sigma.float(), dtype=torch.float32)

@@ -26,13 +26,6 @@ def uce_backward_fake(grad_loss, input, target, lse, pixel_weight, weight, ignor
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
-def mc_uncertainty_fake(samples, correction):
-    """(sigma float32, pred int64), each (B, N), for samples (β, B, C, N)."""
-    _, batch, _, pixels = samples.shape
-    sigma = samples.new_empty((batch, pixels), dtype=torch.float32)
-    return sigma, samples.new_empty((batch, pixels), dtype=torch.int64)
-
-
 def mc_accumulate_fake(mean, m2, entropy, samples, count, in_h, in_w, out_h, out_w,
                        align_corners):
     """In place on ``mean``, ``m2``, ``entropy``; returns nothing."""

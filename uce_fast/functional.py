@@ -228,21 +228,8 @@ def predictive_uncertainty(
         probability of the class with the highest mean probability (first maximum on ties); with
         ``return_prediction``, ``(sigma, pred)`` where ``pred`` (B, *spatial) is int64.
     """
-    if isinstance(samples, MCAccumulator) or size is not None:
-        acc = _stack_or_accumulator(samples, size, align_corners, backend, correction)
-        return acc.sigma(correction, return_prediction=return_prediction)
-    check_samples(samples, correction)
-    samples = samples.detach()
-    name = resolve_backend(backend, samples.device, (samples.dtype,))
-    if name == "torch":
-        sigma, pred = reference.mc_uncertainty(samples, correction)
-    else:
-        beta, batch, num_classes = samples.shape[:3]
-        spatial = tuple(samples.shape[3:])
-        flat = samples.contiguous().view(beta, batch, num_classes, math.prod(spatial))
-        sigma, pred = kernel_ops(name).mc_uncertainty(flat, correction)
-        sigma, pred = sigma.view(batch, *spatial), pred.view(batch, *spatial)
-    return (sigma, pred) if return_prediction else sigma
+    acc = _stack_or_accumulator(samples, size, align_corners, backend, correction)
+    return acc.sigma(correction, return_prediction=return_prediction)
 
 
 def mc_stats(

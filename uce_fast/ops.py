@@ -16,9 +16,6 @@ correction) -> (loss, lse, pixel_weight)``, each (B, N) float32: the weighted pe
 ``uce_fast::uce_backward(grad_loss (B, N) float32, input, target, lse, pixel_weight, weight,
 ignore_index, label_smoothing) -> grad_input`` (B, C, N) in the dtype of ``input``.
 
-``uce_fast::mc_uncertainty(samples (β, B, C, N), correction) -> (sigma (B, N) float32,
-pred (B, N) int64)``.
-
 Streaming Monte-Carlo statistics. The state of ``count`` samples is ``mean`` and ``m2`` (B, C, N)
 float32 — mean and sum of squared deviations (Welford's M2) of the softmax probabilities — and
 ``entropy`` (B, N) float32, the mean of the samples' entropies ``-Σ_c p log p``. ``samples`` is
@@ -66,7 +63,6 @@ __all__ = [
     "NATIVE_IMPORT_ERROR",
     "mc_accumulate_",
     "mc_reduce",
-    "mc_uncertainty",
     "native_devices",
     "uce_forward",
 ]
@@ -113,11 +109,6 @@ def uce_forward(
     )[0]
 
 
-def mc_uncertainty(samples: Tensor, correction: int) -> tuple[Tensor, Tensor]:
-    """``(sigma, pred)``, each (B, N), from the compiled op for samples (β, B, C, N)."""
-    return torch.ops.uce_fast.mc_uncertainty(samples, correction)
-
-
 def mc_accumulate_(mean: Tensor, m2: Tensor, entropy: Tensor, samples: Tensor, count: int,
                    in_size: tuple[int, int], out_size: tuple[int, int],
                    align_corners: bool) -> None:
@@ -138,7 +129,6 @@ def mc_reduce(samples: Tensor | None, mean: Tensor | None, m2: Tensor | None,
 def _register() -> None:
     torch.library.register_fake("uce_fast::uce_forward", _opglue.uce_forward_fake)
     torch.library.register_fake("uce_fast::uce_backward", _opglue.uce_backward_fake)
-    torch.library.register_fake("uce_fast::mc_uncertainty", _opglue.mc_uncertainty_fake)
     torch.library.register_fake("uce_fast::mc_accumulate_", _opglue.mc_accumulate_fake)
     torch.library.register_fake("uce_fast::mc_reduce", _opglue.mc_reduce_fake)
     torch.library.register_autograd(

@@ -87,8 +87,10 @@ def mc_moments(samples: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     dtype = compute_dtype(samples)
     logp = torch.log_softmax(samples.to(dtype), dim=2)
     probs = logp.exp()
-    mean = probs.mean(dim=0)
-    m2 = (probs - mean).square().sum(dim=0)
+    # torch's Welford-style var_mean: identical samples give exactly mean = p and m2 = 0 (a plain
+    # sum-then-divide mean can be an ulp off p, leaving a spurious sigma ~ 1e-8).
+    var, mean = torch.var_mean(probs, dim=0, correction=0)
+    m2 = var * probs.shape[0]
     # 0·log 0 = 0: a class with probability 0 (a -inf logit) adds nothing.
     plogp = torch.where(probs > 0, probs * logp, torch.zeros((), dtype=dtype, device=probs.device))
     mean_entropy = -plogp.sum(dim=2).mean(dim=0)

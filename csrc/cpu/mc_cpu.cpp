@@ -1,7 +1,7 @@
 // CPU kernels for the streaming Monte-Carlo statistics: mc_accumulate_ and
 // mc_reduce (contract in uce_fast/ops.py).
 //
-// Same layout and tiling as the mc_uncertainty kernel (uce_cpu.cpp): a tile
+// Same layout and tiling as the fused U-CE kernel (uce_cpu.cpp): a tile
 // is T consecutive output pixels of one batch row x all classes, every
 // per-pixel quantity a T-float array, at::parallel_for over (batch row,
 // tile), one instantiation per instruction set. Per tile the samples are
@@ -886,8 +886,11 @@ uce_mc::Geometry check_geometry(int64_t in_h, int64_t in_w, int64_t out_h,
 // ---------------------------------------------------------------------------
 // Operators.
 
-void mc_accumulate_cpu(const at::Tensor& mean, const at::Tensor& m2,
-                       const at::Tensor& entropy, const at::Tensor& samples,
+// The mutable state is taken as at::Tensor& (the C++ type of a Tensor(a!)
+// argument): every backend's kernel of one op must have the same C++
+// signature, or registering the second one aborts the library's load.
+void mc_accumulate_cpu(at::Tensor& mean, at::Tensor& m2, at::Tensor& entropy,
+                       const at::Tensor& samples,
                        int64_t count, int64_t in_h, int64_t in_w,
                        int64_t out_h, int64_t out_w, bool align_corners) {
   const uce_mc::Geometry geo = check_geometry(in_h, in_w, out_h, out_w);

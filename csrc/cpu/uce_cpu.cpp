@@ -110,9 +110,8 @@ struct McTile {
   float* w1;
   int32_t* idx;
   float* xf;  // C x T, widened fp16/bf16 sample rows (unused for fp32)
-  // Outputs for the T pixels.
+  // Output for the T pixels.
   float* sigma;
-  int64_t* pred;  // nullptr when not wanted
 };
 
 // The tile bodies take their arrays as __restrict parameters (the struct is
@@ -125,8 +124,7 @@ UCE_INLINE void mc_tile_impl(
     int64_t cs, int T_rt, int C, int beta, float inv_denom,
     float* __restrict e, float* __restrict mean, float* __restrict m2,
     float* __restrict mx, float* __restrict inv, int32_t* __restrict idx,
-    float* __restrict xf, float* __restrict sigma,
-    int64_t* __restrict pred) {
+    float* __restrict xf, float* __restrict sigma) {
   constexpr bool kWiden = !std::is_same<ST, float>::value;
   const int T = kT > 0 ? kT : T_rt;
   for (int s = 0; s < beta; ++s) {
@@ -238,16 +236,13 @@ UCE_INLINE void mc_tile_impl(
   for (int t = 0; t < T; ++t) {
     sigma[t] = uce::welford_std(best_m2[t], inv_denom);
   }
-  if (pred != nullptr) {
-    for (int t = 0; t < T; ++t) pred[t] = idx[t];
-  }
 }
 
 template <typename ST, int kT>
 UCE_INLINE void mc_tile(const McTile<ST>& a) {
   mc_tile_impl<ST, kT>(a.x0, a.next, a.next_T, a.s_stride, a.c_stride, a.T,
                        a.C, a.beta, a.inv_denom, a.e, a.mean, a.m2, a.w0,
-                       a.w1, a.idx, a.xf, a.sigma, a.pred);
+                       a.w1, a.idx, a.xf, a.sigma);
 }
 
 // ---------------------------------------------------------------------------
@@ -510,7 +505,7 @@ struct FwdParams {
   float inv_denom = 0.0f;
   // Given sigma (B, N) (nullptr when samples are given).
   const float* sigma_in = nullptr;
-  // CE part (nullptr input: mc_uncertainty only).
+  // CE part.
   const void* input = nullptr;
   const int64_t* target = nullptr;
   CeConsts ce{};
@@ -519,8 +514,6 @@ struct FwdParams {
   float* loss = nullptr;
   float* lse = nullptr;
   float* pw = nullptr;
-  float* sigma_out = nullptr;   // mc_uncertainty
-  int64_t* pred_out = nullptr;  // mc_uncertainty
 };
 
 template <typename IT, typename ST>
@@ -530,7 +523,6 @@ void run_forward(const FwdParams& p) {
   const McFn<ST> mc_tail = pick_mc<ST>(isa, 0);
   const CeFn<IT> ce = pick_ce<IT>(isa);
   const bool has_samples = p.samples != nullptr;
-  const bool has_ce = p.input != nullptr;
   const int64_t T = p.T, C = p.C, N = p.N;
   const int64_t work = T * C * (has_samples ? p.beta + 1 : 1);
 
@@ -557,18 +549,16 @@ void run_forward(const FwdParams& p) {
       m.xf = kWiden ? scratch.take(C * T) : nullptr;
     }
     float* sig = scratch.take(T);
-    if (has_ce) {
-      k.c_stride = N;
-      k.C = static_cast<int>(C);
-      k.alpha = p.alpha;
-      k.k = p.ce;
-      k.mx = scratch.take(T);
-      k.sum = scratch.take(T);
-      k.smooth = scratch.take(T);
-      k.dt = scratch.take(T);
-      k.cwt = scratch.take(T);
-      k.lab = reinterpret_cast<int32_t*>(scratch.take(T));
-    }
+    k.c_stride = N;
+    k.C = static_cast<int>(C);
+    k.alpha = p.alpha;
+    k.k = p.ce;
+    k.mx = scratch.take(T);
+    k.sum = scratch.take(T);
+    k.smooth = scratch.take(T);
+    k.dt = scratch.take(T);
+    k.cwt = scratch.take(T);
+    k.lab = reinterpret_cast<int32_t*>(scratch.take(T));
     const ST* samples = static_cast<const ST*>(p.samples);
     const IT* input = static_cast<const IT*>(p.input);
 
@@ -587,20 +577,17 @@ void run_forward(const FwdParams& p) {
           m.next_T = static_cast<int>(std::min<int64_t>(T, N - n1));
         }
         m.T = Tc;
-        m.sigma = has_ce ? sig : p.sigma_out + pix;
-        m.pred = has_ce ? nullptr : p.pred_out + pix;
+        m.sigma = sig;
         (Tc == T ? mc_full : mc_tail)(m);
       }
-      if (has_ce) {
-        k.x0 = input + b * C * N + n0;
-        k.tgt = p.target + pix;
-        k.T = Tc;
-        k.sigma = has_samples ? sig : p.sigma_in + pix;
-        k.pw = p.pw + pix;
-        k.loss = p.loss + pix;
-        k.lse = p.lse + pix;
-        ce(k);
-      }
+      k.x0 = input + b * C * N + n0;
+      k.tgt = p.target + pix;
+      k.T = Tc;
+      k.sigma = has_samples ? sig : p.sigma_in + pix;
+      k.pw = p.pw + pix;
+      k.loss = p.loss + pix;
+      k.lse = p.lse + pix;
+      ce(k);
     }
   });
 }
@@ -796,36 +783,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uce_forward_cpu(
   return {loss, lse, pw};
 }
 
-std::tuple<at::Tensor, at::Tensor> mc_uncertainty_cpu(
-    const at::Tensor& samples, int64_t correction) {
-  const int64_t beta = check_samples(samples, correction);
-  const int64_t B = samples.size(1);
-  const int64_t C = samples.size(2);
-  const int64_t N = samples.size(3);
-  const auto opts = samples.options();
-  at::Tensor sigma = at::empty({B, N}, opts.dtype(at::kFloat));
-  at::Tensor pred = at::empty({B, N}, opts.dtype(at::kLong));
-  if (B * N == 0) return {sigma, pred};
-
-  FwdParams p;
-  p.B = B;
-  p.C = C;
-  p.N = N;
-  p.samples = samples.data_ptr();
-  p.beta = beta;
-  p.inv_denom =
-      static_cast<float>(1.0 / static_cast<double>(beta - correction));
-  p.T = mc_tile_size(C);
-  p.ntiles = (N + p.T - 1) / p.T;
-  p.sigma_out = sigma.data_ptr<float>();
-  p.pred_out = pred.data_ptr<int64_t>();
-  dispatch_float(samples.scalar_type(), "samples", [&](auto sv) {
-    using ST = decltype(sv);
-    run_forward<float, ST>(p);
-  });
-  return {sigma, pred};
-}
-
 at::Tensor uce_backward_cpu(const at::Tensor& grad_loss_in,
                             const at::Tensor& input, const at::Tensor& target,
                             const at::Tensor& lse,
@@ -890,5 +847,4 @@ const char* isa_name() {
 TORCH_LIBRARY_IMPL(uce_fast, CPU, m) {
   m.impl("uce_forward", &uce_cpu::uce_forward_cpu);
   m.impl("uce_backward", &uce_cpu::uce_backward_cpu);
-  m.impl("mc_uncertainty", &uce_cpu::mc_uncertainty_cpu);
 }

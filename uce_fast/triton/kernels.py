@@ -299,26 +299,6 @@ def uce_forward_kernel(
 
 
 @triton.jit
-def mc_uncertainty_kernel(
-    s_ptr, sigma_ptr, pred_ptr, C, N, stride_s, beta, inv_denom,
-    CHUNKED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BETA_PAD: tl.constexpr,
-    WIDE: tl.constexpr,
-):
-    """sigma (fp32) and the predicted class (int64) of one pixel tile."""
-    b, n0, j, nmask = _pixel_tile(N, BLOCK_N)
-    s_tile = s_ptr + (b * C * N + n0)
-    if CHUNKED:
-        sigma, idx = _mc_chunked(s_tile, stride_s, C, N, beta, inv_denom, j, nmask, BLOCK_C,
-                                 BLOCK_N, BETA_PAD, WIDE)
-    else:
-        sigma, idx = _mc_small(s_tile, stride_s, C, N, beta, inv_denom, j, nmask, BLOCK_C,
-                               BLOCK_N, WIDE)
-    pix = b * N + n0
-    tl.store(sigma_ptr + pix + j, sigma, mask=nmask)
-    tl.store(pred_ptr + pix + j, idx.to(tl.int64), mask=nmask)
-
-
-@triton.jit
 def uce_backward_kernel(
     g_ptr, x_ptr, t_ptr, lse_ptr, pw_ptr, w_ptr, out_ptr,
     C, N, ignore_index, one_minus_eps, eps_over_c,

@@ -9,9 +9,6 @@ correction) -> (loss, lse, pixel_weight)``, each (B, N) float32;
 ``uce_fast::triton_uce_backward(grad_loss (B, N) float32, input, target, lse, pixel_weight, weight,
 ignore_index, label_smoothing) -> grad_input`` (B, C, N) in the dtype of ``input``;
 
-``uce_fast::triton_mc_uncertainty(samples (β, B, C, N), correction) -> (sigma (B, N) float32,
-pred (B, N) int64)``;
-
 ``uce_fast::triton_mc_accumulate_(mean!, m2!, entropy!, samples (S, B, C, in_h·in_w), count, in_h,
 in_w, out_h, out_w, align_corners) -> ()`` folds samples, bilinearly upsampled on the fly, into a
 streaming Monte-Carlo state in place;
@@ -41,7 +38,7 @@ from torch import Tensor
 from uce_fast import _opglue
 from uce_fast.triton import kernels, mc_kernels
 
-__all__ = ["INTERPRET", "mc_accumulate_", "mc_reduce", "mc_uncertainty", "uce_forward"]
+__all__ = ["INTERPRET", "mc_accumulate_", "mc_reduce", "uce_forward"]
 
 #: Whether the kernels were created for Triton's interpreter (CPU tensors) rather than compiled.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -263,24 +260,6 @@ def _backward(grad_loss: Tensor, input: Tensor, target: Tensor, lse: Tensor,
             BLOCK_N=block_n, WIDE=_wide(C, pixels, block_n, wide), num_warps=_NUM_WARPS,
         )
     return grad_input
-
-
-def _mc_uncertainty(samples: Tensor, correction: int, *, chunk_c: int | None = None,
-                    wide: bool = False) -> tuple[Tensor, Tensor]:
-    beta = _check_samples(samples, correction)
-    _, batch, C, pixels = samples.shape
-    sigma = torch.empty((batch, pixels), device=samples.device, dtype=torch.float32)
-    pred = torch.empty((batch, pixels), device=samples.device, dtype=torch.int64)
-    if batch * pixels == 0:
-        return sigma, pred
-    chunked, block_c, block_n, beta_pad = _tile_config(C, beta, _MC_TILE, chunk_c)
-    with _device_guard(samples):
-        kernels.mc_uncertainty_kernel[_grid(batch, pixels, block_n)](
-            samples, sigma, pred, C, pixels, batch * C * pixels, beta, 1.0 / (beta - correction),
-            CHUNKED=chunked, BLOCK_C=block_c, BLOCK_N=block_n, BETA_PAD=beta_pad,
-            WIDE=_wide(C, pixels, block_n, wide), num_warps=_NUM_WARPS,
-        )
-    return sigma, pred
 
 
 def _f32_div(a: int, b: int) -> float:
@@ -539,7 +518,6 @@ _BACKWARD_SCHEMA = (
     "(Tensor grad_loss, Tensor input, Tensor target, Tensor lse, Tensor pixel_weight, "
     "Tensor? weight, int ignore_index, float label_smoothing) -> Tensor"
 )
-_MC_SCHEMA = "(Tensor samples, int correction) -> (Tensor, Tensor)"
 _ACCUMULATE_SCHEMA = (
     "(Tensor(a!) mean, Tensor(b!) m2, Tensor(c!) entropy, Tensor samples, int count, int in_h, "
     "int in_w, int out_h, int out_w, bool align_corners) -> ()"
@@ -554,8 +532,6 @@ triton_uce_forward = torch.library.custom_op(
     "uce_fast::triton_uce_forward", _forward, mutates_args=(), schema=_FORWARD_SCHEMA)
 triton_uce_backward = torch.library.custom_op(
     "uce_fast::triton_uce_backward", _backward, mutates_args=(), schema=_BACKWARD_SCHEMA)
-triton_mc_uncertainty = torch.library.custom_op(
-    "uce_fast::triton_mc_uncertainty", _mc_uncertainty, mutates_args=(), schema=_MC_SCHEMA)
 triton_mc_accumulate_ = torch.library.custom_op(
     "uce_fast::triton_mc_accumulate_", _mc_accumulate, mutates_args=("mean", "m2", "entropy"),
     schema=_ACCUMULATE_SCHEMA)
@@ -565,7 +541,6 @@ triton_mc_reduce = torch.library.custom_op(
 
 triton_uce_forward.register_fake(_opglue.uce_forward_fake)
 triton_uce_backward.register_fake(_opglue.uce_backward_fake)
-triton_mc_uncertainty.register_fake(_opglue.mc_uncertainty_fake)
 triton_mc_accumulate_.register_fake(_opglue.mc_accumulate_fake)
 triton_mc_reduce.register_fake(_opglue.mc_reduce_fake)
 triton_uce_forward.register_autograd(_opglue.uce_backward_formula(triton_uce_backward),
@@ -583,7 +558,7 @@ def _no_derivative(ctx, *grads):
 # The backward op (no double backward through the loss) and the uncertainty statistics (constants
 # of the loss) are not differentiable: their outputs never require grad, so differentiating them
 # fails loudly instead of silently.
-for _op in (triton_uce_backward, triton_mc_uncertainty, triton_mc_reduce):
+for _op in (triton_uce_backward, triton_mc_reduce):
     _op.register_autograd(_no_derivative, setup_context=_mark_constant)
 
 
@@ -594,11 +569,6 @@ def uce_forward(input: Tensor, target: Tensor, samples: Tensor | None, sigma: Te
     return torch.ops.uce_fast.triton_uce_forward(
         input, target, samples, sigma, weight, alpha, ignore_index, label_smoothing, correction
     )[0]
-
-
-def mc_uncertainty(samples: Tensor, correction: int) -> tuple[Tensor, Tensor]:
-    """``(sigma, pred)``, each (B, N), from the Triton op for samples (β, B, C, N)."""
-    return torch.ops.uce_fast.triton_mc_uncertainty(samples, correction)
 
 
 def mc_accumulate_(mean: Tensor, m2: Tensor, entropy: Tensor, samples: Tensor, count: int,
