@@ -146,6 +146,47 @@ def test_all_ignored_matches_cross_entropy(backend, weighted):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("source", ["sigma", "samples"])
+def test_ignored_pixels_with_non_finite_weight_give_exact_zeros(backend, source):
+    """An ignored pixel whose sigma (so its weight) or logits are NaN/inf adds 0 to the loss and
+    gets exactly 0 gradient on every backend; the other pixels are untouched by it."""
+    device = device_of(backend)
+    input, target, samples = make_case(2, 5, (8,), 3, device=device, ignore_frac=0.0)
+    ignored = [(0, 1), (0, 4), (1, 0), (1, 7)]
+    for b, n in ignored:
+        target[b, n] = -100
+    sigma = torch.rand(target.shape, device=device)
+    bad = (float("nan"), float("inf"), -3.0, float("-inf"))  # -3: (1 - 3)^2.5 is NaN
+    for (b, n), value in zip(ignored, bad, strict=True):
+        sigma[b, n] = value
+        samples[:, b, :, n] = value
+    x = input.detach().clone()
+    x[0, :, 1] = float("nan")  # non-finite logits on an ignored pixel too
+    x[1, 2, 7] = float("inf")
+    extra = {"sigma": sigma} if source == "sigma" else {"samples": samples}
+    valid = target != -100
+    for reduction in ("none", "sum"):
+        loss, grad = loss_and_grad(
+            lambda t, r=reduction: uce_fast.uce_loss(t, target, alpha=2.5, reduction=r,
+                                                     label_smoothing=0.1, backend=backend,
+                                                     **extra), x)
+        assert torch.isfinite(loss).all(), reduction
+        assert torch.equal(grad.transpose(0, 1)[:, ~valid],
+                           torch.zeros_like(grad.transpose(0, 1)[:, ~valid]))
+        assert torch.isfinite(grad).all()
+        if reduction == "none":
+            assert torch.equal(loss[~valid], torch.zeros_like(loss[~valid]))
+    # The valid pixels equal a run where the ignored pixels hold ordinary values.
+    clean = {"sigma": torch.where(valid, sigma, 0.5)} if source == "sigma" else {
+        "samples": torch.where(valid.unsqueeze(1), samples, 0.5)}
+    want = uce_fast.uce_loss(input.detach(), target, alpha=2.5, reduction="none",
+                             label_smoothing=0.1, backend=backend, **clean)
+    got = uce_fast.uce_loss(x, target, alpha=2.5, reduction="none", label_smoothing=0.1,
+                            backend=backend, **extra)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_heavy_ignore_sum_of_nothing_but_ignored_rows(backend):
     input, target, samples = make_case(2, 19, (41, 3), 3, device=device_of(backend),
                                        ignore_frac=0.95, ignore_index=255)

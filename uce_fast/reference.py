@@ -44,10 +44,8 @@ def mc_uncertainty(samples: Tensor, correction: int = 1) -> tuple[Tensor, Tensor
         ``pred`` (B, *spatial) int64, the argmax over classes of the mean probability (first
         maximum on ties, as ``torch.argmax``).
     """
-    probs = torch.softmax(samples.to(compute_dtype(samples)), dim=2)
-    pred = probs.mean(dim=0).argmax(dim=1)
-    std = probs.std(dim=0, correction=correction)
-    sigma = std.gather(1, pred.unsqueeze(1)).squeeze(1)
+    mean, m2, mean_entropy = mc_moments(samples)
+    sigma, pred, _, _ = mc_finalize(mean, m2, mean_entropy, samples.shape[0], correction)
     return sigma, pred
 
 
@@ -87,10 +85,14 @@ def mc_moments(samples: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     dtype = compute_dtype(samples)
     logp = torch.log_softmax(samples.to(dtype), dim=2)
     probs = logp.exp()
-    # torch's Welford-style var_mean: identical samples give exactly mean = p and m2 = 0 (a plain
-    # sum-then-divide mean can be an ulp off p, leaving a spurious sigma ~ 1e-8).
-    var, mean = torch.var_mean(probs, dim=0, correction=0)
-    m2 = var * probs.shape[0]
+    if probs.numel() == 0:  # an empty batch or spatial dim (torch's var_mean would warn)
+        mean = probs.new_zeros(probs.shape[1:])
+        m2 = torch.zeros_like(mean)
+    else:
+        # torch's Welford-style var_mean: identical samples give exactly mean = p and m2 = 0 (a
+        # plain sum-then-divide mean can be an ulp off p, leaving a spurious sigma ~ 1e-8).
+        var, mean = torch.var_mean(probs, dim=0, correction=0)
+        m2 = var * probs.shape[0]
     # 0·log 0 = 0: a class with probability 0 (a -inf logit) adds nothing.
     plogp = torch.where(probs > 0, probs * logp, torch.zeros((), dtype=dtype, device=probs.device))
     mean_entropy = -plogp.sum(dim=2).mean(dim=0)
@@ -212,14 +214,20 @@ def weighted_cross_entropy(
 
     Returns:
         (B, *spatial) per-pixel loss in float32 (float64 for float64 input); exactly 0 where the
-        target is ignored. With ``pixel_weight=None`` this equals
+        target is ignored, and so is its gradient there, also for non-finite logits or pixel
+        weights. With ``pixel_weight=None`` this equals
         ``F.cross_entropy(..., reduction="none")``.
     """
     dtype = compute_dtype(input)
-    logp = torch.log_softmax(input.to(dtype), dim=1)
     num_classes = input.shape[1]
     valid = target != ignore_index
     safe_target = torch.where(valid, target, 0)
+    zero = torch.zeros((), dtype=dtype, device=input.device)
+    # Ignored pixels contribute exactly 0 to the loss and to the gradient, whatever their logits
+    # and pixel weight (NaN and inf included): they are replaced by constants before any
+    # arithmetic, so no 0 * NaN reaches the backward.
+    logits = torch.where(valid.unsqueeze(1), input.to(dtype), zero)
+    logp = torch.log_softmax(logits, dim=1)
     nll = -logp.gather(1, safe_target.unsqueeze(1)).squeeze(1)
     if weight is None:
         smooth = -logp.sum(dim=1)
@@ -232,5 +240,5 @@ def weighted_cross_entropy(
     if label_smoothing > 0.0:
         loss = (1.0 - label_smoothing) * nll + (label_smoothing / num_classes) * smooth
     if pixel_weight is not None:
-        loss = loss * pixel_weight.detach().to(dtype)
-    return torch.where(valid, loss, torch.zeros((), dtype=dtype, device=loss.device))
+        loss = loss * torch.where(valid, pixel_weight.detach().to(dtype), zero)
+    return torch.where(valid, loss, zero)
