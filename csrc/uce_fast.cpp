@@ -5,7 +5,8 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(uce_fast, m) {
-  // (loss, lse, pixel_weight), each float32 (B, N).
+  // (loss (B, N), norm (2, B, N), pixel_weight (B, N)), float32; norm holds
+  // the softmax normaliser of the logits (max, log sum exp(x - max)).
   m.def(
       "uce_forward(Tensor input, Tensor target, Tensor? samples, "
       "Tensor? sigma, Tensor? weight, float alpha, int ignore_index, "
@@ -13,7 +14,7 @@ TORCH_LIBRARY(uce_fast, m) {
   // grad_input (B, C, N) in the dtype of input.
   m.def(
       "uce_backward(Tensor grad_loss, Tensor input, Tensor target, "
-      "Tensor lse, Tensor pixel_weight, Tensor? weight, int ignore_index, "
+      "Tensor norm, Tensor pixel_weight, Tensor? weight, int ignore_index, "
       "float label_smoothing) -> Tensor");
   // Streaming Monte-Carlo statistics (contract in uce_fast/ops.py): fold
   // samples (S, B, C, in_h*in_w), bilinearly upsampled to out_h x out_w on the

@@ -76,15 +76,16 @@ def _check_all_ops(input, target, samples, *, weight=None, alpha=3.0, ignore_ind
     """Forward and backward of the CUDA kernels, and mc_reduce's (sigma, pred) of the same
     samples, against the reference."""
     grad_loss = torch.rand(target.shape, device=input.device) + 0.5
-    loss, lse, pixel_weight = OPS.uce_forward(input, target, samples, sigma, weight, alpha,
+    loss, norm, pixel_weight = OPS.uce_forward(input, target, samples, sigma, weight, alpha,
                                               ignore_index, eps, correction)
-    grad = OPS.uce_backward(grad_loss, input, target, lse, pixel_weight, weight, ignore_index,
+    grad = OPS.uce_backward(grad_loss, input, target, norm, pixel_weight, weight, ignore_index,
                             eps)
     ref = _expected(input, target, samples, sigma, weight, alpha, ignore_index, eps, correction,
                     grad_loss)
     valid = (target != ignore_index).cpu()
     assert_close(loss.cpu(), ref[0], dtype=torch.float32, scale=5 * scale, msg="loss")
-    assert_close(lse.cpu(), ref[1], dtype=torch.float32, scale=scale, msg="lse")
+    assert_close(norm.sum(0).cpu(), ref[1], dtype=torch.float32, scale=scale, msg="lse")
+    assert torch.equal(norm[0].cpu(), input.detach().float().amax(1).cpu()), "max"
     assert_close(pixel_weight.cpu(), ref[2], dtype=torch.float32, scale=5 * scale, msg="weight")
     assert_close(grad.cpu(), ref[3], scale=5 * scale, msg="grad")
     assert torch.count_nonzero(loss.cpu()[~valid]) == 0
@@ -179,7 +180,7 @@ def test_non_finite_values_match_cpu_kernels(classes, fill):
         got = OPS.uce_forward(input, target, samples, None, None, 2.0, -100, eps, 1)
         want = OPS.uce_forward(input.cpu(), target.cpu(), samples.cpu(), None, None, 2.0, -100,
                                eps, 1)
-        for name, a, b in zip(("loss", "lse", "pixel_weight"), got, want, strict=True):
+        for name, a, b in zip(("loss", "norm", "pixel_weight"), got, want, strict=True):
             assert_close(a.cpu(), b, scale=5, msg=name)
     sig, pred = _sigma_pred(samples, 1)
     cpu_sig, cpu_pred = _sigma_pred(samples.cpu(), 1)
@@ -219,10 +220,10 @@ def test_bad_labels_raise_first_in_memory_order(classes, with_samples):
     target_ok = target.clone()
     target_ok[target_ok >= classes] = 0
     target_ok[target_ok < 0] = 0
-    _, lse, pixel_weight = OPS.uce_forward(input, target_ok, *args, None, 2.0, -100, 0.0, 1)
+    _, norm, pixel_weight = OPS.uce_forward(input, target_ok, *args, None, 2.0, -100, 0.0, 1)
     grad_loss = torch.ones(target.shape, device="cuda")
     with pytest.raises(ValueError, match=pattern):
-        OPS.uce_backward(grad_loss, input, target, lse, pixel_weight, None, -100, 0.0)
+        OPS.uce_backward(grad_loss, input, target, norm, pixel_weight, None, -100, 0.0)
     # The context is intact: no device assert was hit.
     torch.cuda.synchronize()
     loss = OPS.uce_forward(input, target_ok, *args, None, 2.0, -100, 0.0, 1)[0]
@@ -238,11 +239,11 @@ def test_ignore_index_inside_class_range():
 def test_ignored_pixels_get_exact_zero_grad_under_inf_upstream(dtype):
     input, target, samples = _problem(2, 19, 64, 3, dtype=dtype, ignore_index=255)
     weight = torch.rand(19, device="cuda") + 0.5
-    _, lse, pixel_weight = OPS.uce_forward(input, target, samples, None, weight, 10.0, 255, 0.1,
+    _, norm, pixel_weight = OPS.uce_forward(input, target, samples, None, weight, 10.0, 255, 0.1,
                                            1)
     grad_loss = torch.rand(target.shape, device="cuda")
     grad_loss[target == 255] = float("inf")
-    grad = OPS.uce_backward(grad_loss, input, target, lse, pixel_weight, weight, 255, 0.1)
+    grad = OPS.uce_backward(grad_loss, input, target, norm, pixel_weight, weight, 255, 0.1)
     ignored = (target == 255).unsqueeze(1).expand_as(grad)
     assert torch.count_nonzero(grad[ignored]) == 0
     assert torch.isfinite(grad[~ignored]).all()
@@ -255,13 +256,13 @@ def test_runs_on_the_current_stream():
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         input, target, samples = _problem(2, 19, 1000, 3)
-        loss, lse, pixel_weight = OPS.uce_forward(input, target, samples, None, None, 3.0, -100,
+        loss, norm, pixel_weight = OPS.uce_forward(input, target, samples, None, None, 3.0, -100,
                                                   0.0, 1)
-        grad = OPS.uce_backward(torch.ones_like(lse), input, target, lse, pixel_weight, None,
+        grad = OPS.uce_backward(torch.ones_like(norm), input, target, norm, pixel_weight, None,
                                 -100, 0.0)
     stream.synchronize()
     ref = _expected(input, target, samples, None, None, 3.0, -100, 0.0, 1,
-                    torch.ones_like(lse))
+                    torch.ones_like(norm))
     assert_close(loss.cpu(), ref[0], scale=5)
     assert_close(grad.cpu(), ref[3], scale=5)
 
@@ -327,17 +328,17 @@ def test_more_than_2_pow_31_elements(classes, vector):
         samples[s] = input + torch.randn(input.shape, device="cuda", dtype=torch.float16,
                                          generator=gen)
     target = torch.randint(0, classes, (1, pixels), device="cuda", generator=gen)
-    loss, lse, pixel_weight = OPS.uce_forward(input, target, samples, None, None, 10.0, -100,
+    loss, norm, pixel_weight = OPS.uce_forward(input, target, samples, None, None, 10.0, -100,
                                               0.1, 1)
     grad_loss = torch.ones_like(loss)
-    grad = OPS.uce_backward(grad_loss, input, target, lse, pixel_weight, None, -100, 0.1)
+    grad = OPS.uce_backward(grad_loss, input, target, norm, pixel_weight, None, -100, 0.1)
     sigma, pred = _sigma_pred(samples, 1)
     for part in (slice(0, 1000), slice(pixels - 1000, pixels)):
         x, s, t = (input[..., part].contiguous(), samples[..., part].contiguous(),
                    target[..., part].contiguous())
         small = OPS.uce_forward(x, t, s, None, None, 10.0, -100, 0.1, 1)
         assert_close(loss[..., part], small[0], msg="loss")
-        assert_close(lse[..., part], small[1], msg="lse")
+        assert_close(norm[..., part], small[1], msg="norm")
         small_grad = OPS.uce_backward(torch.ones_like(small[0]), x, t, small[1], small[2], None,
                                       -100, 0.1)
         assert_close(grad[..., part], small_grad, msg="grad")

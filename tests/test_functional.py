@@ -145,6 +145,42 @@ def test_all_ignored_matches_cross_entropy(backend, weighted):
         assert torch.equal(grad, ce_grad)
 
 
+def _max_rel_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
+    """Largest absolute error relative to the largest exact magnitude."""
+    return ((actual.double() - exact).abs().max() / exact.abs().max()).item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shift", [0.0, 30.0, 1e3, 1e4])
+@pytest.mark.parametrize("source", ["sigma", "samples"])
+def test_shifted_logits_keep_their_precision(backend, shift, source):
+    """Adding a constant to every logit leaves the softmax unchanged: the loss and the gradient
+    (float32, against float64 on the same values) stay as precise as F.cross_entropy's own
+    float32 gradient at that shift, within a factor 2."""
+    device = device_of(backend)
+    input, target, samples = make_case(2, 19, (64,), 3, device=device)
+    x = (input.detach() + shift).float()
+    samples = samples + shift
+    sigma = torch.rand(target.shape, generator=torch.Generator().manual_seed(1)).to(device) * 0.3
+    extra = {"sigma": sigma} if source == "sigma" else {"samples": samples}
+    grad_out = torch.rand(target.shape, generator=torch.Generator().manual_seed(2)).to(device)
+    grad_out = grad_out + 0.5
+    loss, grad = loss_and_grad(
+        lambda t: uce_fast.uce_loss(t, target, alpha=2.0, reduction="none", backend=backend,
+                                    **extra), x, grad_out)
+    exact_extra = {k: v.double() for k, v in extra.items()}
+    exact_loss, exact_grad = loss_and_grad(
+        lambda t: uce_fast.uce_loss(t, target, alpha=2.0, reduction="none", backend="torch",
+                                    **exact_extra), x.double(), grad_out)
+    assert_close(loss, exact_loss.float(), dtype=torch.float32, msg="loss")
+    _, ce_grad = loss_and_grad(lambda t: F.cross_entropy(t, target, reduction="none"), x,
+                               grad_out)
+    _, ce_exact = loss_and_grad(lambda t: F.cross_entropy(t, target, reduction="none"),
+                                x.double(), grad_out)
+    error, ce_error = _max_rel_error(grad, exact_grad), _max_rel_error(ce_grad, ce_exact)
+    assert error <= 2 * ce_error, f"gradient error {error:.2e} vs F.cross_entropy {ce_error:.2e}"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("source", ["sigma", "samples"])
 def test_ignored_pixels_with_non_finite_weight_give_exact_zeros(backend, source):

@@ -47,11 +47,11 @@ def test_opcheck_uce_forward(backend, dtype, with_samples, weighted):
 def test_opcheck_uce_backward(backend, dtype):
     device = device_of(backend)
     input, target, samples = _flat(*make_case(2, 7, (5, 3), 3, dtype=dtype, device=device))
-    _, lse, pixel_weight = _op(backend, "uce_forward")(
+    _, norm, pixel_weight = _op(backend, "uce_forward")(
         input, target, samples, None, None, 2.0, -100, 0.0, 1)
     grad = torch.rand(target.shape, device=device)
     torch.library.opcheck(_op(backend, "uce_backward").default,
-                          (grad, input.detach(), target, lse, pixel_weight, None, -100, 0.0))
+                          (grad, input.detach(), target, norm, pixel_weight, None, -100, 0.0))
 
 
 def test_native_devices_reports_compiled_kernels():

@@ -58,10 +58,11 @@ def test_chunked_path_matches_reference(backend, dtype, classes, chunk, beta):
     got_sigma, got_pred = _sigma_pred(samples, chunk_c=chunk)
     assert torch.equal(got_pred.cpu(), pred.cpu())
     assert_close(got_sigma, sigma.float(), dtype=torch.float32, scale=5)
-    got_loss, got_lse, got_weight = _ops()._forward(input, target, samples, None, weight, 3.0,
+    got_loss, got_norm, got_weight = _ops()._forward(input, target, samples, None, weight, 3.0,
                                                     -100, 0.1, 1, chunk_c=chunk)
     assert_close(got_loss, loss.float(), dtype=torch.float32, scale=5)
-    assert_close(got_lse, lse.float(), dtype=torch.float32, scale=5)
+    assert_close(got_norm.sum(0), lse.float(), dtype=torch.float32, scale=5)
+    assert torch.equal(got_norm[0], input.float().amax(1))
     # The fused forward's own sigma, through its weight (1 + sigma)^3.
     assert_close(got_weight, (1 + sigma.float()) ** 3, dtype=torch.float32, scale=5)
 
@@ -76,12 +77,12 @@ def test_int64_tile_offsets_give_identical_results(backend, chunk):
     ops = _ops()
 
     def run(wide):
-        loss, lse, pixel_weight = ops._forward(input, target, samples, None, weight, 2.0, -100,
+        loss, norm, pixel_weight = ops._forward(input, target, samples, None, weight, 2.0, -100,
                                                0.1, 1, chunk_c=chunk, wide=wide)
-        grad = ops._backward(grad_loss, input, target, lse, pixel_weight, weight, -100, 0.1,
+        grad = ops._backward(grad_loss, input, target, norm, pixel_weight, weight, -100, 0.1,
                              wide=wide)
         sigma, pred = _sigma_pred(samples, chunk_c=chunk, wide=wide)
-        return dict(loss=loss, lse=lse, weight=pixel_weight, grad=grad, sigma=sigma, pred=pred)
+        return dict(loss=loss, norm=norm, weight=pixel_weight, grad=grad, sigma=sigma, pred=pred)
 
     narrow, wide = run(False), run(True)
     for name in narrow:
@@ -126,13 +127,13 @@ def test_infinite_logits(backend):
     target = torch.tensor([[0, 1, 2, 3, 1, -100]], device=device)
     sigma = torch.rand(1, 6, device=device)
     for label_smoothing in (0.0, 0.2):
-        loss, lse, _ = _ops()._forward(input, target, None, sigma, None, 2.0, -100,
+        loss, norm, _ = _ops()._forward(input, target, None, sigma, None, 2.0, -100,
                                        label_smoothing, 1)
         expected = reference.weighted_cross_entropy(
             input, target, reference.uncertainty_weight(sigma, 2.0),
             label_smoothing=label_smoothing)
         assert_close(loss, expected, msg=f"label_smoothing={label_smoothing}")
-        assert_close(lse, torch.logsumexp(input, dim=1))
+        assert_close(norm.sum(0), torch.logsumexp(input, dim=1))
     # label_smoothing=1: the hard term's factor is exactly 0 and is dropped (not 0 * inf = NaN).
     loss, _, _ = _ops()._forward(input, target, None, sigma, None, 2.0, -100, 1.0, 1)
     assert loss[0].tolist()[:5] == [float("inf")] * 5 and loss[0, 5] == 0
@@ -152,11 +153,11 @@ def test_backward_ignored_pixels_get_zero_even_for_inf_grad(backend):
     device = device_of(backend)
     input, target, samples = _flat(*make_case(2, 6, (9,), 3, device=device, ignore_frac=0.5))
     weight = torch.rand(6, device=device) + 0.5
-    _, lse, pixel_weight = _ops()._forward(input, target, samples, None, weight, 2.0, -100, 0.1,
+    _, norm, pixel_weight = _ops()._forward(input, target, samples, None, weight, 2.0, -100, 0.1,
                                            1)
     grad_loss = torch.full(target.shape, float("inf"), device=device)
     grad_loss[target != -100] = 1.0
-    grad = _ops()._backward(grad_loss, input, target, lse, pixel_weight, weight, -100, 0.1)
+    grad = _ops()._backward(grad_loss, input, target, norm, pixel_weight, weight, -100, 0.1)
     ignored = (target == -100).unsqueeze(1).expand_as(grad)
     assert torch.count_nonzero(grad[ignored]) == 0
     assert torch.isfinite(grad[~ignored]).all()

@@ -14,13 +14,13 @@ import torch
 
 def uce_forward_fake(input, target, samples, sigma, weight, alpha, ignore_index,
                      label_smoothing, correction):
-    """(loss, lse, pixel_weight): float32 (B, N) each, for input (B, C, N)."""
+    """(loss (B, N), norm (2, B, N), pixel_weight (B, N)), float32, for input (B, C, N)."""
     batch, _, pixels = input.shape
     loss = input.new_empty((batch, pixels), dtype=torch.float32)
-    return loss, torch.empty_like(loss), torch.empty_like(loss)
+    return loss, input.new_empty((2, batch, pixels), dtype=torch.float32), torch.empty_like(loss)
 
 
-def uce_backward_fake(grad_loss, input, target, lse, pixel_weight, weight, ignore_index,
+def uce_backward_fake(grad_loss, input, target, norm, pixel_weight, weight, ignore_index,
                       label_smoothing):
     """grad_input: contiguous, shape and dtype of input."""
     return torch.empty_like(input, memory_format=torch.contiguous_format)
@@ -48,24 +48,24 @@ def mc_reduce_fake(samples, mean, m2, entropy, count, in_h, in_w, out_h, out_w, 
 
 
 def setup_context(ctx, inputs, output):
-    """Saves what the U-CE backward reads: input, target, lse, pixel weight, class weight."""
+    """Saves what the U-CE backward reads: input, target, norm, pixel weight, class weight."""
     input, target, _samples, _sigma, weight, _alpha, ignore_index, label_smoothing, _c = inputs
-    _, lse, pixel_weight = output
-    ctx.save_for_backward(input, target, lse, pixel_weight, weight)
+    _, norm, pixel_weight = output
+    ctx.save_for_backward(input, target, norm, pixel_weight, weight)
     ctx.ignore_index = ignore_index
     ctx.label_smoothing = label_smoothing
 
 
 def uce_backward_formula(backward_op: Callable) -> Callable:
     """The ``register_autograd`` backward (with :func:`setup_context`) of a U-CE forward op whose
-    gradient w.r.t. ``input`` is ``backward_op`` (it reads the saved per-pixel lse and weight,
-    never the stack)."""
+    gradient w.r.t. ``input`` is ``backward_op`` (it reads the saved per-pixel softmax
+    normaliser and weight, never the stack)."""
 
-    def backward(ctx, grad_loss, _grad_lse, _grad_pixel_weight):
-        input, target, lse, pixel_weight, weight = ctx.saved_tensors
+    def backward(ctx, grad_loss, _grad_norm, _grad_pixel_weight):
+        input, target, norm, pixel_weight, weight = ctx.saved_tensors
         grad_input = None
         if ctx.needs_input_grad[0]:
-            grad_input = backward_op(grad_loss.float(), input, target, lse, pixel_weight, weight,
+            grad_input = backward_op(grad_loss.float(), input, target, norm, pixel_weight, weight,
                                      ctx.ignore_index, ctx.label_smoothing)
         return grad_input, None, None, None, None, None, None, None, None
 

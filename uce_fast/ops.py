@@ -10,11 +10,17 @@ Op contract (all tensors contiguous; N is the product of the spatial dims, 1 whe
 
 ``uce_fast::uce_forward(input (B, C, N), target (B, N) int64, samples (β, B, C, N) | None,
 sigma (B, N) float32 | None, weight (C,) float32 | None, alpha, ignore_index, label_smoothing,
-correction) -> (loss, lse, pixel_weight)``, each (B, N) float32: the weighted per-pixel loss
-(0 where ignored), the log-sum-exp of the logits and ``(1 + sigma) ** alpha``.
+correction) -> (loss, norm, pixel_weight)``, float32: the weighted per-pixel loss (B, N) (0 where
+ignored), the softmax normaliser of the logits ``norm`` (2, B, N) = ``[max_c x_c; log Σ_c
+exp(x_c - max)]`` (their sum is the log-sum-exp) and ``(1 + sigma) ** alpha`` (B, N).
 
-``uce_fast::uce_backward(grad_loss (B, N) float32, input, target, lse, pixel_weight, weight,
-ignore_index, label_smoothing) -> grad_input`` (B, C, N) in the dtype of ``input``.
+``uce_fast::uce_backward(grad_loss (B, N) float32, input, target, norm, pixel_weight, weight,
+ignore_index, label_smoothing) -> grad_input`` (B, C, N) in the dtype of ``input``. The softmax is
+recomputed as ``exp((x - max) - log-sum)``: the two parts are kept apart because a float32
+log-sum-exp of large logits carries their magnitude's rounding error (ulp(1e4) ≈ 1e-3) into every
+probability, while ``x - max`` depends only on the logits' spread — the gradient is as precise for
+logits shifted by any constant. It costs one more float per pixel written by the forward and read
+by the backward (4 bytes against the stack's β·C·2–4 and the logits' 2·C·2–4 per pixel).
 
 Streaming Monte-Carlo statistics. The state of ``count`` samples is ``mean`` and ``m2`` (B, C, N)
 float32 — mean and sum of squared deviations (Welford's M2) of the softmax probabilities — and

@@ -220,13 +220,23 @@ inline void check_logits(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), "uce_fast: ", name, " must be contiguous");
 }
 
+// A contiguous float32 per-pixel tensor: (B, N), or (planes, B, N) when
+// planes > 1.
 inline void check_f32_bn(const at::Tensor& t, const char* name, int64_t B,
-                  int64_t N) {
+                         int64_t N, int64_t planes = 1) {
   check_cpu(t, name);
   TORCH_CHECK(t.scalar_type() == at::kFloat, "uce_fast: ", name,
               " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) == N, "uce_fast: ",
-              name, " must have shape (", B, ", ", N, "), got ", t.sizes());
+  if (planes > 1) {
+    TORCH_CHECK(t.dim() == 3 && t.size(0) == planes && t.size(1) == B &&
+                    t.size(2) == N,
+                "uce_fast: ", name, " must have shape (", planes, ", ", B,
+                ", ", N, "), got ", t.sizes());
+  } else {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) == N,
+                "uce_fast: ", name, " must have shape (", B, ", ", N,
+                "), got ", t.sizes());
+  }
   TORCH_CHECK(t.is_contiguous(), "uce_fast: ", name, " must be contiguous");
 }
 

@@ -247,7 +247,8 @@ UCE_INLINE void mc_tile(const McTile<ST>& a) {
 
 // ---------------------------------------------------------------------------
 // Weighted, label-smoothed CE of one tile of the main logits, scaled by the
-// per-pixel weight (1 + sigma)^alpha. Writes pixel weight, loss and lse.
+// per-pixel weight (1 + sigma)^alpha. Writes pixel weight, loss and the
+// softmax normaliser (max, log-sum) of the logits.
 
 template <typename IT>
 struct CeTile {
@@ -269,7 +270,8 @@ struct CeTile {
   // Outputs.
   float* pw;
   float* loss;
-  float* lse;
+  float* norm_max;  // max_c x_c
+  float* norm_log;  // log sum_c exp(x_c - max)
 };
 
 template <typename IT>
@@ -280,7 +282,7 @@ UCE_INLINE void ce_tile_impl(
     int64_t ignore_index, float* __restrict mx, float* __restrict sum,
     float* __restrict smooth, float* __restrict dt, float* __restrict cwt,
     int32_t* __restrict lab, float* __restrict pw, float* __restrict loss,
-    float* __restrict lse) {
+    float* __restrict norm_max, float* __restrict norm_log) {
   load_labels(tgt, T, C, ignore_index, lab);
   if (alpha == 0.0f) {
     for (int t = 0; t < T; ++t) pw[t] = 1.0f;
@@ -324,7 +326,8 @@ UCE_INLINE void ce_tile_impl(
   }
   for (int t = 0; t < T; ++t) {
     const float ls = uce::fast_logf(sum[t]);
-    lse[t] = mx[t] + ls;
+    norm_max[t] = mx[t];
+    norm_log[t] = ls;
     loss[t] = uce::pixel_loss(lab[t] < 0, pw[t], cwt[t], ls + dt[t],
                               S * ls + smooth[t], ome, eoc);
   }
@@ -335,7 +338,7 @@ UCE_INLINE void ce_tile(const CeTile<IT>& a) {
   ce_tile_impl<IT>(a.x0, a.c_stride, a.tgt, a.T, a.C, a.sigma, a.alpha,
                    a.k.cw, a.k.S, a.k.one_minus_eps, a.k.eps_over_c,
                    a.k.ignore_index, a.mx, a.sum, a.smooth, a.dt, a.cwt,
-                   a.lab, a.pw, a.loss, a.lse);
+                   a.lab, a.pw, a.loss, a.norm_max, a.norm_log);
 }
 
 // ---------------------------------------------------------------------------
@@ -348,7 +351,8 @@ struct BwdTile {
   int64_t c_stride;
   const int64_t* tgt;
   const float* grad_loss;
-  const float* lse;
+  const float* norm_max;
+  const float* norm_log;
   const float* pw;
   int T;
   int C;
@@ -363,7 +367,8 @@ template <typename IT>
 UCE_INLINE void bwd_tile_impl(
     const IT* __restrict x0, IT* __restrict g0, int64_t cs,
     const int64_t* __restrict tgt, const float* __restrict gl,
-    const float* __restrict lse, const float* __restrict pw, int T, int C,
+    const float* __restrict norm_max, const float* __restrict norm_log,
+    const float* __restrict pw, int T, int C,
     const float* __restrict cw, float S, float ome, float eoc,
     int64_t ignore_index, float* __restrict kh, float* __restrict ks,
     int32_t* __restrict lab) {
@@ -380,7 +385,12 @@ UCE_INLINE void bwd_tile_impl(
     IT* __restrict out = g0 + c * cs;
     const float w = cw != nullptr ? cw[c] : 1.0f;
     for (int t = 0; t < T; ++t) {
-      const float p = uce::fast_expf(load_f(row[t]) - lse[t]);
+      // (x - max) - log-sum rather than x - lse: a float32 lse of large
+      // logits (|x| ~ 1e4) is off by up to ulp(1e4) / 2 ~ 5e-4, which would
+      // become the softmax's relative error; x - max is exact or rounded
+      // relative to the spread of the logits, whatever their offset.
+      const float p =
+          uce::fast_expf((load_f(row[t]) - norm_max[t]) - norm_log[t]);
       out[t] = store_f<IT>(
           uce::class_grad(lab[t] < 0, kh[t], ks[t], p, lab[t] == c, w, S));
     }
@@ -389,7 +399,8 @@ UCE_INLINE void bwd_tile_impl(
 
 template <typename IT>
 UCE_INLINE void bwd_tile(const BwdTile<IT>& a) {
-  bwd_tile_impl<IT>(a.x0, a.g0, a.c_stride, a.tgt, a.grad_loss, a.lse, a.pw,
+  bwd_tile_impl<IT>(a.x0, a.g0, a.c_stride, a.tgt, a.grad_loss, a.norm_max,
+                    a.norm_log, a.pw,
                     a.T, a.C, a.k.cw, a.k.S, a.k.one_minus_eps,
                     a.k.eps_over_c, a.k.ignore_index, a.kh, a.ks, a.lab);
 }
@@ -510,9 +521,9 @@ struct FwdParams {
   const int64_t* target = nullptr;
   CeConsts ce{};
   float alpha = 0.0f;
-  // Outputs.
+  // Outputs: (B, N) each; norm is (2, B, N) (max, log-sum).
   float* loss = nullptr;
-  float* lse = nullptr;
+  float* norm = nullptr;
   float* pw = nullptr;
 };
 
@@ -586,7 +597,8 @@ void run_forward(const FwdParams& p) {
       k.sigma = has_samples ? sig : p.sigma_in + pix;
       k.pw = p.pw + pix;
       k.loss = p.loss + pix;
-      k.lse = p.lse + pix;
+      k.norm_max = p.norm + pix;
+      k.norm_log = p.norm + p.B * N + pix;
       ce(k);
     }
   });
@@ -598,7 +610,7 @@ struct BwdParams {
   const float* grad_loss = nullptr;
   const void* input = nullptr;
   const int64_t* target = nullptr;
-  const float* lse = nullptr;
+  const float* norm = nullptr;  // (2, B, N)
   const float* pw = nullptr;
   CeConsts ce{};
   void* grad_input = nullptr;
@@ -628,7 +640,8 @@ void run_backward(const BwdParams& p) {
       k.g0 = out + b * C * N + n0;
       k.tgt = p.target + pix;
       k.grad_loss = p.grad_loss + pix;
-      k.lse = p.lse + pix;
+      k.norm_max = p.norm + pix;
+      k.norm_log = p.norm + p.B * N + pix;
       k.pw = p.pw + pix;
       k.T = static_cast<int>(std::min<int64_t>(T, N - n0));
       fn(k);
@@ -765,11 +778,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uce_forward_cpu(
 
   const auto opts = input.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({B, N}, opts);
-  at::Tensor lse = at::empty({B, N}, opts);
+  at::Tensor norm = at::empty({2, B, N}, opts);
   at::Tensor pw = at::empty({B, N}, opts);
-  if (B * N == 0) return {loss, lse, pw};
+  if (B * N == 0) return {loss, norm, pw};
   p.loss = loss.data_ptr<float>();
-  p.lse = lse.data_ptr<float>();
+  p.norm = norm.data_ptr<float>();
   p.pw = pw.data_ptr<float>();
   p.ntiles = (N + p.T - 1) / p.T;
 
@@ -780,12 +793,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uce_forward_cpu(
       run_forward<IT, ST>(p);
     });
   });
-  return {loss, lse, pw};
+  return {loss, norm, pw};
 }
 
 at::Tensor uce_backward_cpu(const at::Tensor& grad_loss_in,
                             const at::Tensor& input, const at::Tensor& target,
-                            const at::Tensor& lse,
+                            const at::Tensor& norm,
                             const at::Tensor& pixel_weight,
                             const std::optional<at::Tensor>& weight,
                             int64_t ignore_index, double label_smoothing) {
@@ -798,7 +811,7 @@ at::Tensor uce_backward_cpu(const at::Tensor& grad_loss_in,
   const at::Tensor grad_loss = grad_loss_in.contiguous();
   check_f32_bn(grad_loss, "grad_loss", B, N);
   check_target(target, B, N);
-  check_f32_bn(lse, "lse", B, N);
+  check_f32_bn(norm, "norm", B, N, 2);
   check_f32_bn(pixel_weight, "pixel_weight", B, N);
   const CeConsts ce =
       make_ce(check_weight(weight, C), C, label_smoothing, ignore_index);
@@ -815,7 +828,7 @@ at::Tensor uce_backward_cpu(const at::Tensor& grad_loss_in,
   p.grad_loss = grad_loss.data_ptr<float>();
   p.input = input.data_ptr();
   p.target = target.data_ptr<int64_t>();
-  p.lse = lse.data_ptr<float>();
+  p.norm = norm.data_ptr<float>();
   p.pw = pixel_weight.data_ptr<float>();
   p.ce = ce;
   p.grad_input = grad_input.data_ptr();

@@ -225,7 +225,7 @@ def _pixel_weight(sigma, alpha, neg_sign):
 
 @triton.jit
 def uce_forward_kernel(
-    x_ptr, t_ptr, s_ptr, sig_ptr, w_ptr, loss_ptr, lse_ptr, pw_ptr, flag_ptr,
+    x_ptr, t_ptr, s_ptr, sig_ptr, w_ptr, loss_ptr, max_ptr, logsum_ptr, pw_ptr, flag_ptr,
     C, N, stride_s, beta, inv_denom, alpha, neg_sign, ignore_index, one_minus_eps, eps_over_c,
     HAS_SAMPLES: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
     CHUNKED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -233,7 +233,8 @@ def uce_forward_kernel(
 ):
     """Per-pixel U-CE of one tile: the Monte-Carlo sigma (or the given sigma), the weight
     (1 + sigma)^alpha and the weighted, label-smoothed CE of the logits. Writes only the fp32
-    per-pixel loss, lse and weight; raises the flag when a label is out of range."""
+    per-pixel loss, the logits' max and log Σ exp(x - max), and the weight; raises the flag when a
+    label is out of range."""
     b, n0, j, nmask = _pixel_tile(N, BLOCK_N)
     pix = b * N + n0  # int64 offset of the tile in the (B, N) per-pixel tensors
     base = b * C * N + n0  # int64 offset of the tile's class 0 in (B, C, N)
@@ -294,19 +295,20 @@ def uce_forward_kernel(
         per_pixel += eps_over_c * (weight_sum * ls + sm)
     loss = tl.where(valid, pw * per_pixel, 0.0)
     tl.store(loss_ptr + pix + j, loss, mask=nmask)
-    tl.store(lse_ptr + pix + j, mx + ls, mask=nmask)
+    tl.store(max_ptr + pix + j, mx, mask=nmask)
+    tl.store(logsum_ptr + pix + j, ls, mask=nmask)
     tl.store(pw_ptr + pix + j, pw, mask=nmask)
 
 
 @triton.jit
 def uce_backward_kernel(
-    g_ptr, x_ptr, t_ptr, lse_ptr, pw_ptr, w_ptr, out_ptr,
+    g_ptr, x_ptr, t_ptr, max_ptr, logsum_ptr, pw_ptr, w_ptr, out_ptr,
     C, N, ignore_index, one_minus_eps, eps_over_c,
     HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """grad_input of one pixel tile, all classes, from the saved per-pixel lse and weight:
-    g = grad_loss * pw, p_c = exp(x_c - lse),
+    """grad_input of one pixel tile, all classes, from the saved per-pixel max, log-sum and weight:
+    g = grad_loss * pw, p_c = exp((x_c - max) - logsum),
     grad_c = g ((1 - eps) cw[t] (p_c - [c = t]) + (eps / C) (S p_c - cw[c])), 0 where ignored."""
     b, n0, j, nmask = _pixel_tile(N, BLOCK_N)
     pix = b * N + n0
@@ -316,7 +318,8 @@ def uce_backward_kernel(
     # Ignored pixels: g (possibly inf, e.g. a "mean" over no pixel) is selected to 0 here and the
     # gradient once more below, so they get exactly 0 without inf * 0 in between.
     g = tl.where(valid, g, 0.0)
-    lse = tl.load(lse_ptr + pix + j, mask=nmask, other=0.0)
+    mx = tl.load(max_ptr + pix + j, mask=nmask, other=0.0)
+    ls = tl.load(logsum_ptr + pix + j, mask=nmask, other=0.0)
     if HAS_WEIGHT:
         cw_t = tl.load(w_ptr + tc, mask=nmask, other=0.0)
     else:
@@ -340,7 +343,9 @@ def uce_backward_kernel(
         offs = _tile_offsets(cls, j, N, WIDE)
         m2d = cmask[:, None] & nmask[None, :]
         x = tl.load(x_tile + offs, mask=m2d, other=0.0).to(tl.float32)
-        p = tl.exp2((x - lse[None, :]) * LOG2E)
+        # (x - max) - logsum, not x - lse: a float32 lse of large logits carries their
+        # magnitude's rounding (ulp(1e4) ~ 1e-3) into p; x - max depends only on their spread.
+        p = tl.exp2(((x - mx[None, :]) - ls[None, :]) * LOG2E)
         grad = k_hard[None, :] * (p - tl.where(cls[:, None] == tc[None, :], 1.0, 0.0))
         if SMOOTH:
             cw = _class_weights(w_ptr, cls, C, HAS_WEIGHT)

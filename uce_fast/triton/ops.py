@@ -4,10 +4,10 @@ Same contract as the compiled ops documented in ``uce_fast/ops.py``, under their
 
 ``uce_fast::triton_uce_forward(input (B, C, N), target (B, N) int64, samples (β, B, C, N) | None,
 sigma (B, N) float32 | None, weight (C,) float32 | None, alpha, ignore_index, label_smoothing,
-correction) -> (loss, lse, pixel_weight)``, each (B, N) float32;
+correction) -> (loss (B, N), norm (2, B, N), pixel_weight (B, N))``, float32;
 
-``uce_fast::triton_uce_backward(grad_loss (B, N) float32, input, target, lse, pixel_weight, weight,
-ignore_index, label_smoothing) -> grad_input`` (B, C, N) in the dtype of ``input``;
+``uce_fast::triton_uce_backward(grad_loss (B, N) float32, input, target, norm, pixel_weight,
+weight, ignore_index, label_smoothing) -> grad_input`` (B, C, N) in the dtype of ``input``;
 
 ``uce_fast::triton_mc_accumulate_(mean!, m2!, entropy!, samples (S, B, C, in_h·in_w), count, in_h,
 in_w, out_h, out_w, align_corners) -> ()`` folds samples, bilinearly upsampled on the fly, into a
@@ -127,13 +127,15 @@ def _check_same_device(t: Tensor, name: str, device: torch.device) -> None:
 
 
 def _check_pixels(t: Tensor, name: str, batch: int, pixels: int, dtype: torch.dtype,
-                  device: torch.device) -> None:
+                  device: torch.device, planes: int = 1) -> None:
+    """``t`` is a contiguous (batch, pixels) tensor of ``dtype``, (planes, batch, pixels) when
+    ``planes`` > 1."""
     _check_same_device(t, name, device)
     if t.dtype != dtype:
         raise RuntimeError(f"uce_fast: {name} must be {dtype}, got {t.dtype}")
-    if tuple(t.shape) != (batch, pixels):
-        raise RuntimeError(
-            f"uce_fast: {name} must have shape ({batch}, {pixels}), got {tuple(t.shape)}")
+    shape = (batch, pixels) if planes == 1 else (planes, batch, pixels)
+    if tuple(t.shape) != shape:
+        raise RuntimeError(f"uce_fast: {name} must have shape {shape}, got {tuple(t.shape)}")
     if not t.is_contiguous():
         raise RuntimeError(f"uce_fast: {name} must be contiguous")
 
@@ -208,10 +210,10 @@ def _forward(input: Tensor, target: Tensor, samples: Tensor | None, sigma: Tenso
         _check_pixels(sigma, "sigma", batch, pixels, torch.float32, input.device)
 
     loss = torch.empty((batch, pixels), device=input.device, dtype=torch.float32)
-    lse = torch.empty_like(loss)
+    norm = torch.empty((2, batch, pixels), device=input.device, dtype=torch.float32)
     pixel_weight = torch.empty_like(loss)
     if batch * pixels == 0:
-        return loss, lse, pixel_weight
+        return loss, norm, pixel_weight
     flag = torch.zeros(1, device=input.device, dtype=torch.int32)
     chunked, block_c, block_n, beta_pad = _tile_config(
         C, beta, _MC_TILE if samples is not None else _CE_TILE, chunk_c)
@@ -219,7 +221,7 @@ def _forward(input: Tensor, target: Tensor, samples: Tensor | None, sigma: Tenso
         kernels.uce_forward_kernel[_grid(batch, pixels, block_n)](
             input, target, loss if samples is None else samples,
             loss if sigma is None else sigma, loss if weight is None else weight,
-            loss, lse, pixel_weight, flag,
+            loss, norm[0], norm[1], pixel_weight, flag,
             C, pixels, stride_s, beta, inv_denom, float(alpha), _negative_base_sign(alpha),
             ignore_index, one_minus_eps, eps_over_c,
             HAS_SAMPLES=samples is not None, HAS_WEIGHT=weight is not None,
@@ -232,10 +234,10 @@ def _forward(input: Tensor, target: Tensor, samples: Tensor | None, sigma: Tenso
     capturing = input.is_cuda and torch.cuda.is_current_stream_capturing()
     if not capturing and int(flag.item()) != 0:
         _raise_bad_label(target, C, ignore_index)
-    return loss, lse, pixel_weight
+    return loss, norm, pixel_weight
 
 
-def _backward(grad_loss: Tensor, input: Tensor, target: Tensor, lse: Tensor,
+def _backward(grad_loss: Tensor, input: Tensor, target: Tensor, norm: Tensor,
               pixel_weight: Tensor, weight: Tensor | None, ignore_index: int,
               label_smoothing: float, *, wide: bool = False) -> Tensor:
     _check_logits(input, "input", 3, "(B, C, N)")
@@ -243,9 +245,10 @@ def _backward(grad_loss: Tensor, input: Tensor, target: Tensor, lse: Tensor,
     # May arrive expanded (zero strides) from a mean/sum reduction.
     grad_loss = grad_loss.contiguous()
     for t, name, dtype in ((grad_loss, "grad_loss", torch.float32),
-                           (target, "target", torch.int64), (lse, "lse", torch.float32),
+                           (target, "target", torch.int64),
                            (pixel_weight, "pixel_weight", torch.float32)):
         _check_pixels(t, name, batch, pixels, dtype, input.device)
+    _check_pixels(norm, "norm", batch, pixels, torch.float32, input.device, planes=2)
     _check_weight(weight, C, input.device)
     one_minus_eps, eps_over_c = _smoothing_terms(label_smoothing, C)
     grad_input = torch.empty_like(input, memory_format=torch.contiguous_format)
@@ -254,7 +257,8 @@ def _backward(grad_loss: Tensor, input: Tensor, target: Tensor, lse: Tensor,
     block_c, block_n = _bwd_config(C)
     with _device_guard(input):
         kernels.uce_backward_kernel[_grid(batch, pixels, block_n)](
-            grad_loss, input, target, lse, pixel_weight, lse if weight is None else weight,
+            grad_loss, input, target, norm[0], norm[1], pixel_weight,
+            pixel_weight if weight is None else weight,
             grad_input, C, pixels, ignore_index, one_minus_eps, eps_over_c,
             HAS_WEIGHT=weight is not None, SMOOTH=eps_over_c != 0.0, BLOCK_C=block_c,
             BLOCK_N=block_n, WIDE=_wide(C, pixels, block_n, wide), num_warps=_NUM_WARPS,
@@ -515,7 +519,7 @@ _FORWARD_SCHEMA = (
     "int ignore_index, float label_smoothing, int correction) -> (Tensor, Tensor, Tensor)"
 )
 _BACKWARD_SCHEMA = (
-    "(Tensor grad_loss, Tensor input, Tensor target, Tensor lse, Tensor pixel_weight, "
+    "(Tensor grad_loss, Tensor input, Tensor target, Tensor norm, Tensor pixel_weight, "
     "Tensor? weight, int ignore_index, float label_smoothing) -> Tensor"
 )
 _ACCUMULATE_SCHEMA = (
