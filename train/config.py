@@ -53,12 +53,25 @@ def _rates(text: str) -> tuple[int, ...]:
     return rates
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to options that take a value, with X the chosen preset's value;
+    not to flags (their default is off) or to options without a default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        takes_value = action.nargs != 0
+        if (takes_value and action.option_strings and "%(default)" not in text
+                and action.default not in (None, argparse.SUPPRESS)):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train/main.py",
         description="Train DeepLabV3+ with CE or U-CE (uce_fast), checking the fused loss against "
                     "the pure-PyTorch reference while training. Run with torchrun for DDP.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         epilog="presets: cpu-small (default; synthetic scenes, tiny DeepLabV3+ R18, CPU, "
                "minutes), cityscapes-r18, cityscapes-r101, acdc-r18, acdc-r101 (the paper: "
                "batch 16 over all GPUs, crop 768, 200 epochs, fp16 AMP; give --data-root and "
@@ -70,9 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", choices=["synthetic", "cityscapes", "acdc"], default="synthetic",
                    help="synthetic: procedural scenes generated on the fly (no files)")
     g.add_argument("--data-root", default=None, help="dataset root directory")
-    g.add_argument("--acdc-conditions", default="fog,night,rain,snow")
-    g.add_argument("--synthetic-train-size", type=int, default=2048)
-    g.add_argument("--synthetic-val-size", type=int, default=64)
+    g.add_argument("--acdc-conditions", default="fog,night,rain,snow",
+                   help="ACDC conditions to train and evaluate on, comma-separated")
+    g.add_argument("--synthetic-train-size", type=int, default=2048,
+                   help="synthetic training images per epoch")
+    g.add_argument("--synthetic-val-size", type=int, default=64,
+                   help="synthetic validation images")
     g.add_argument("--synthetic-size", type=int, default=128, help="synthetic image side")
     g.add_argument("--crop", type=int, default=768, help="training crop side (multiple of 16)")
     g.add_argument("--scale", type=float, nargs=2, default=(0.5, 2.0), metavar=("MIN", "MAX"),
@@ -90,9 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained", default=None, metavar="PATH",
                    help="local torchvision-format ImageNet weights for the encoder")
     g.add_argument("--width", type=int, default=64, help="encoder base width (64 = ResNet)")
-    g.add_argument("--decoder-channels", type=int, default=256)
-    g.add_argument("--skip-channels", type=int, default=48)
-    g.add_argument("--atrous-rates", type=_rates, default="12,24,36")
+    g.add_argument("--decoder-channels", type=int, default=256,
+                   help="channels of the ASPP and decoder convolutions")
+    g.add_argument("--skip-channels", type=int, default=48,
+                   help="channels of the decoder's low-level (stride 4) skip projection")
+    g.add_argument("--atrous-rates", type=_rates, default="12,24,36",
+                   help="the three ASPP dilation rates, comma-separated")
     g.add_argument("--dropout", type=float, default=0.2,
                    help="MC-dropout ratio after each residual stage")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP (CUDA)")
@@ -109,25 +128,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "train mode, running statistics updated on every pass (the official "
                         "code's behaviour)")
     g.add_argument("--bn-update-in-samples", action="store_const", dest="sample_bn",
-                   const="update", help="same as --sample-bn update")
+                   const="update", default=argparse.SUPPRESS, help="same as --sample-bn update")
     g.add_argument("--low-res-samples", action="store_true",
                    help="draw the β sample passes at the decoder's 1/4 resolution (before the "
                         "head's ×4 upsampling) and let the MC accumulator upsample them inside "
                         "its kernels (same result, no full-resolution sample in memory)")
 
     g.add_argument("--bn-init-batches", type=int, default=10,
-                   help="before the first step, set the running statistics of BatchNorm layers "
-                        "still at their initial values (mean 0, var 1; not ImageNet ones) from "
-                        "N training batches, so that the first sample passes (which use them) "
+                   help="with --sample-bn running (the sample passes then normalise with the "
+                        "running statistics): before the first step, set the running statistics "
+                        "of BatchNorm layers still at their initial values (mean 0, var 1; not "
+                        "ImageNet ones) from N training batches, so that the first sample passes "
                         "are meaningful; 0 = off")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=0.01)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--decoder-lr-mult", type=float, default=10.0)
-    g.add_argument("--poly-power", type=float, default=0.9)
-    g.add_argument("--epochs", type=int, default=200)
+    g.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of the encoder")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    g.add_argument("--decoder-lr-mult", type=float, default=10.0,
+                   help="learning-rate factor of the ASPP, decoder and head")
+    g.add_argument("--poly-power", type=float, default=0.9,
+                   help="power of the poly learning-rate schedule (per iteration)")
+    g.add_argument("--epochs", type=int, default=200,
+                   help="training epochs (when --iterations is 0)")
     g.add_argument("--iterations", type=int, default=0, help="total iterations (overrides "
                    "--epochs when > 0)")
     g.add_argument("--batch-size", type=int, default=16, help="global batch (split over ranks)")
@@ -157,16 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--panels", type=int, default=4, help="PNG panels per evaluation")
 
     g = p.add_argument_group("run")
-    g.add_argument("--out-dir", default=None, help="run directory (default runs/<preset>-<loss>)")
-    g.add_argument("--log-every", type=int, default=20)
+    g.add_argument("--out-dir", default=None,
+                   help="run directory (default: runs/<preset>-<loss>)")
+    g.add_argument("--log-every", type=int, default=20,
+                   help="log the loss and step timing every N iterations")
     g.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N iterations")
     g.add_argument("--resume", default=None, metavar="PATH|auto",
                    help="continue from a checkpoint; auto = <out-dir>/checkpoints/last.pt if any")
     g.add_argument("--stop-after", type=int, default=0,
                    help="checkpoint and exit when iteration N is reached (simulates an "
                         "interruption; a resumed run past N continues)")
-    g.add_argument("--no-tensorboard", action="store_true")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar or progress lines")
     return p
 
 

@@ -88,21 +88,28 @@ def _scalars(fields: dict[str, object], prefix: str = "") -> list[tuple[str, flo
 
 
 class Progress:
-    """tqdm on rank 0 when installed and wanted, else a printed line now and then."""
+    """Rank 0's progress: a tqdm bar on an interactive terminal (when tqdm is installed), else a
+    printed line every 5% of the run (logs and pipes get whole lines, never bar redraws).
+
+    The bar shows the loss and the wall time of the last step (``step=`` postfix) rather than
+    tqdm's rate, which at the end is the average over the whole run, warm-up included.
+    """
 
     def __init__(self, total: int, initial: int, active: bool, enabled: bool) -> None:
         self.active = active
         self.bar = None
         self.total = total
         self.every = max(1, total // 20)
-        if active and enabled:
+        if active and enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
             except ImportError:
                 pass
             else:
                 self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, unit="it",
-                                file=sys.stderr)
+                                file=sys.stderr,
+                                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
+                                           "[{elapsed}<{remaining}{postfix}]")
         self.enabled = enabled
 
     def update(self, iteration: int, **postfix: object) -> None:
@@ -120,7 +127,8 @@ class Progress:
         if not self.active:
             return
         if self.bar is not None:
-            self.bar.write(message)
+            # Cleared, printed on the bar's own stream, redrawn: never inside the bar's line.
+            self.bar.write(message, file=sys.stderr)
         else:
             print(message, flush=True)
 
@@ -143,11 +151,13 @@ class StepTimer:
         self.steps = 0
         self.all_steps = 0
         self._last = time.perf_counter()
+        self._step_start = 0.0
+        self._step_ms = 0.0
 
     def start(self) -> None:
         if self.sync:
             torch.cuda.synchronize()
-        self._last = time.perf_counter()
+        self._last = self._step_start = time.perf_counter()
 
     def lap(self, phase: str) -> None:
         if self.sync:
@@ -160,6 +170,11 @@ class StepTimer:
     def end_step(self) -> None:
         self.steps += 1
         self.all_steps += 1
+        self._step_ms = 1000.0 * (self._last - self._step_start)
+
+    def last_step_ms(self) -> float:
+        """Wall milliseconds of the last step, from ``start`` to its last ``lap``."""
+        return self._step_ms
 
     def summary(self) -> dict[str, float]:
         """Mean milliseconds per step and phase since the previous call (and ``total``)."""

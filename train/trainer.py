@@ -293,14 +293,17 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, object]:
         return (f"mIoU {f('mIoU')}  ECE {f('ECE')}  mUnc {f('mUnc')}  "
                 f"AUROC(sigma) {f('AUROC_sigma')}  AUROC(1-conf) {f('AUROC_conf')}")
 
-    if ckpt_path is None and args.bn_init_batches > 0:
+    # Only the sample passes with --sample-bn running read the running statistics before
+    # training has updated them (evaluation comes later).
+    if (ckpt_path is None and args.bn_init_batches > 0 and criterion is not None
+            and args.sample_bn == "running"):
         sampler.set_epoch(0)
         batches = (images.to(device, non_blocking=True) for images, _ in
                    itertools.islice(iter(train_loader), args.bn_init_batches))
         layers, used = init_batchnorm_statistics(model, batches, autocast=autocast)
         if layers:
             logger.print(f"BatchNorm running statistics of {layers} fresh layers set from {used} "
-                         "training batches (used by the MC sample passes)")
+                         "training batches (the MC sample passes normalise with them)")
 
     # ---------------------------------------------------------------------------- main loop
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -411,7 +414,8 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, object]:
                                 f" grad rel {parity['grad_rel']:.2e} (tol "
                                 f"{parity['tol']:g}) ok")
                     logger.record("train", iteration, **record)
-                progress.update(iteration, loss=f"{mean_loss:.4f}")
+                progress.update(iteration, loss=f"{mean_loss:.4f}",
+                                step=f"{timer.last_step_ms():.0f}ms")
 
                 if args.eval_every > 0 and iteration % args.eval_every == 0 and iteration < total:
                     last_eval = run_eval()
