@@ -124,3 +124,112 @@ def test_mc_sample_bad_arguments():
         uce_fast.mc_sample(model, torch.randn(1, 3, 4, 4), 2, per_forward=0)
     with pytest.raises(ValueError, match="the forward must return logits"):
         uce_fast.mc_sample(model, torch.randn(1, 3, 4, 4), 2, forward=lambda x: x[0])
+
+
+class _RowScale(nn.Dropout):
+    """A deterministic stand-in for dropout (a subclass, so mc_dropout switches it on): in train
+    mode the j-th block of ``batch`` rows it has seen is scaled by 1 + 0.1·j, so each pass — or
+    each block of B rows of a batched pass — gets its own known factor, without randomness."""
+
+    def __init__(self, batch):
+        super().__init__(0.5)
+        self.batch = batch
+        self.calls = 0
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        blocks = x.shape[0] // self.batch
+        index = self.calls + torch.arange(blocks, dtype=x.dtype).repeat_interleave(self.batch)
+        self.calls += blocks
+        return x * (1 + 0.1 * index).view(-1, *([1] * (x.dim() - 1)))
+
+
+def _split_model(batch):
+    torch.manual_seed(0)
+    prefix = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    rest = nn.Sequential(_RowScale(batch), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Dropout(0.3), nn.Conv2d(8, 5, 1))
+    return nn.Sequential(prefix, rest)
+
+
+@pytest.mark.parametrize("train_mode", [False, True], ids=["bn-running", "bn-batch"])
+def test_prefix_computed_once_equals_whole_passes(train_mode):
+    """The split passes equal the unsplit model's under the same RNG, in both BatchNorm modes."""
+    x = torch.randn(3, 3, 6, 6)
+    stats = []
+    for split in (False, True):
+        model = _split_model(3).train(train_mode)
+        torch.manual_seed(5)
+        if split:
+            acc = uce_fast.mc_sample(model, x, 4, prefix=model[0], forward=model[1],
+                                     backend="torch")
+        else:
+            acc = uce_fast.mc_sample(model, x, 4, backend="torch")
+        stats.append(acc.stats())
+    for a, b in zip(*stats, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_prefix_with_dropout_is_refused():
+    model = _split_model(2)
+    with pytest.raises(ValueError, match=r"prefix must be .* dropout module '1.0' ran"):
+        uce_fast.mc_sample(model, torch.randn(2, 3, 4, 4), 3,
+                           prefix=lambda x: model[1][0](model[0](x)), forward=model[1][1:])
+    with pytest.raises(ValueError, match="prefix needs forward"):
+        uce_fast.mc_sample(model, torch.randn(2, 3, 4, 4), 3, prefix=model[0])
+
+
+@pytest.mark.parametrize("per_forward", [2, 3])
+@pytest.mark.parametrize("train_mode", [False, True], ids=["bn-running", "bn-batch"])
+def test_batched_passes_equal_separate_passes(per_forward, train_mode):
+    """per_forward=k: BatchNorm with batch statistics normalises each block of B rows on its own,
+    so k passes in one forward equal k separate passes."""
+    x = torch.randn(2, 3, 5, 5)
+    stats = []
+    for k in (1, per_forward):
+        model = _split_model(2).train(train_mode)
+        model[1][4] = nn.Identity()  # only the deterministic stand-in varies between passes
+        stats.append(uce_fast.mc_sample(model, x, 5, per_forward=k, backend="torch").stats())
+    for a, b in zip(*stats, strict=True):
+        if a.dtype == torch.int64:
+            assert torch.equal(a, b)
+        else:
+            assert_close(a, b, scale=10)
+
+
+def test_batch_norm_per_group_matches_separate_batches():
+    from uce_fast.sampling import _per_group_batch_norm
+
+    bn = nn.BatchNorm2d(4)
+    nn.init.uniform_(bn.weight)
+    nn.init.uniform_(bn.bias)
+    x = torch.randn(3 * 2, 4, 5, 3)
+    got = _per_group_batch_norm(bn, 3)(x)
+    want = torch.cat([torch.nn.functional.batch_norm(x[2 * g:2 * g + 2], None, None, bn.weight,
+                                                     bn.bias, training=True, eps=bn.eps)
+                      for g in range(3)])
+    assert_close(got, want)
+
+
+def test_first_sample_counts_as_a_sample():
+    model = _split_model(2).train()
+    x = torch.randn(2, 3, 4, 4)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        first = model(x)
+    torch.manual_seed(4)
+    acc = uce_fast.mc_sample(model, x, 4, first_sample=first, backend="torch")
+    torch.manual_seed(4)
+    with torch.no_grad(), uce_fast.mc_dropout(model):
+        rest = [model(x) for _ in range(3)]
+    want = uce_fast.predictive_uncertainty(torch.stack([first, *rest]), backend="torch")
+    assert acc.count == 4
+    assert_close(acc.sigma(), want)
+
+
+def test_first_sample_is_refused_with_running_statistics():
+    model = _split_model(2).eval()
+    with pytest.raises(ValueError, match=r"first_sample .* BatchNorm layer '0.1' is in eval mode"):
+        uce_fast.mc_sample(model, torch.randn(2, 3, 4, 4), 3,
+                           first_sample=torch.zeros(2, 5, 4, 4))
