@@ -15,6 +15,7 @@ if str(ROOT) not in sys.path:
 
 import uce_fast  # noqa: E402
 from train.engine import (  # noqa: E402
+    SampleLevers,
     draw_mc_samples,
     evaluate,
     init_batchnorm_statistics,
@@ -197,3 +198,51 @@ def test_evaluate_is_reproducible_and_isolated_from_training_rng():
     assert model.training
     c = evaluate(model, data, 5, device=torch.device("cpu"), mc_samples=0)
     assert c["mUnc"] is None and model.training
+
+
+@pytest.mark.parametrize("bn", ["running", "batch"])
+@pytest.mark.parametrize("low_res", [False, True], ids=["full-res", "low-res"])
+def test_shared_prefix_gives_the_same_samples(bn, low_res):
+    """Same RNG, same samples: the prefix holds no dropout, so sharing it draws the same masks;
+    in "batch" mode the training forward's prefix output is reused."""
+    model = _model().train()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        parts = model(x, parts=True)
+    size = (32, 32) if low_res else None
+    stacks = []
+    for levers in (SampleLevers(), SampleLevers(shared_prefix=True)):
+        torch.manual_seed(7)
+        _, stack = draw_mc_samples(model, x, 3, bn=bn, size=size, keep_stack=True,
+                                   levers=levers, parts=parts)
+        stacks.append(stack)
+    torch.testing.assert_close(stacks[0], stacks[1], rtol=1e-5, atol=1e-6)
+    assert stacks[0].shape == ((3, 2, 5, 8, 8) if low_res else (3, 2, 5, 32, 32))
+
+
+@pytest.mark.parametrize(("bn", "per_forward"), [("batch", 1), ("batch", 2), ("update", 1)])
+def test_training_pass_is_the_first_sample(bn, per_forward):
+    model = _model().train()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        parts = model(x, parts=True)
+    levers = SampleLevers(shared_prefix=bn == "batch", train_pass_sample=True,
+                          per_forward=per_forward)
+    acc, stack = draw_mc_samples(model, x, 5, bn=bn, keep_stack=True, levers=levers,
+                                 parts=parts)
+    assert acc.count == 5 and stack.shape == (5, 2, 5, 32, 32)
+    assert torch.equal(stack[0], parts.logits)
+    assert not torch.allclose(stack[1], stack[2])  # fresh dropout masks per pass
+    torch.testing.assert_close(acc.sigma(), uce_fast.predictive_uncertainty(stack))
+
+
+def test_levers_that_change_the_distribution_are_refused():
+    model = _model().train()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        parts = model(x, parts=True)
+    with pytest.raises(ValueError, match="the training pass is no MC sample"):
+        draw_mc_samples(model, x, 3, bn="running", parts=parts,
+                        levers=SampleLevers(train_pass_sample=True))
+    with pytest.raises(ValueError, match="samples-per-forward > 1 with --sample-bn update"):
+        draw_mc_samples(model, x, 3, bn="update", levers=SampleLevers(per_forward=2))

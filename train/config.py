@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-__all__ = ["PRESETS", "build_parser", "parse_args"]
+from train.engine import SampleLevers
+
+__all__ = ["PRESETS", "build_parser", "parse_args", "sample_levers"]
 
 _PAPER = dict(
     encoder="resnet18", width=64, decoder_channels=256, skip_channels=48,
@@ -129,6 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "code's behaviour)")
     g.add_argument("--bn-update-in-samples", action="store_const", dest="sample_bn",
                    const="update", default=argparse.SUPPRESS, help="same as --sample-bn update")
+    g.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the layers before the first dropout (stem and layer1) once per "
+                        "step instead of in every sample pass; with --sample-bn batch the "
+                        "training forward's output of them is reused. Exact. Default: on, except "
+                        "with --sample-bn update (the official BatchNorm updates would then run "
+                        "once per step in those layers instead of in every pass)")
+    g.add_argument("--train-pass-sample", action=argparse.BooleanOptionalAction, default=None,
+                   help="count the training forward's detached logits as the first of the β "
+                        "samples (β - 1 extra passes): it is a draw from the same distribution "
+                        "where the sample passes normalise with batch statistics like it "
+                        "(--sample-bn batch or update); refused with --sample-bn running. "
+                        "Default: on with --sample-bn batch")
+    g.add_argument("--samples-per-forward", type=int, default=1, metavar="K",
+                   help="sample passes per batched forward (the batch repeated K times; "
+                        "BatchNorm batch statistics computed per original batch, so exact); "
+                        "refused with --sample-bn update")
     g.add_argument("--low-res-samples", action="store_true",
                    help="draw the β sample passes at the decoder's 1/4 resolution (before the "
                         "head's ×4 upsampling) and let the MC accumulator upsample them inside "
@@ -214,6 +232,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--eval-mc-samples must be 0 (off) or at least 2")
     if args.iterations <= 0 and args.epochs <= 0:
         parser.error("give --iterations or --epochs")
+    if args.samples_per_forward < 1:
+        parser.error(f"--samples-per-forward must be at least 1, got {args.samples_per_forward}")
+    if args.shared_prefix is None:
+        args.shared_prefix = args.sample_bn != "update"
+    if args.train_pass_sample is None:
+        args.train_pass_sample = args.sample_bn == "batch"
+    try:
+        sample_levers(args).check(args.sample_bn)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.out_dir is None:
         args.out_dir = f"runs/{args.preset}-{args.loss}"
     return args
+
+
+def sample_levers(args: argparse.Namespace) -> SampleLevers:
+    """The MC-sampling levers the options ask for."""
+    return SampleLevers(shared_prefix=args.shared_prefix, train_pass_sample=args.train_pass_sample,
+                        per_forward=args.samples_per_forward)

@@ -13,10 +13,12 @@ from torch import Tensor, nn
 
 import uce_fast
 from train.metrics import SegmentationMetrics
+from train.models import ForwardParts
 
 __all__ = [
     "SAMPLE_BN_MODES",
     "ParityResult",
+    "SampleLevers",
     "amp_context",
     "compute_loss",
     "default_check_tolerance",
@@ -69,34 +71,92 @@ def mc_dropout_mode(model: nn.Module, bn: str = "running") -> Iterator[None]:
             m.training = mode
 
 
+@dataclass(frozen=True)
+class SampleLevers:
+    """How the β Monte-Carlo passes of a step are made cheaper; each keeps the samples'
+    distribution, so sigma's statistics are those of β independent passes.
+
+    * ``shared_prefix``: the model's layers before its first dropout (``model.prefix``) run once
+      per step: in ``"batch"`` mode the training forward's prefix output is reused as is (same
+      batch statistics, same values); in ``"running"`` mode it is computed once in eval mode.
+    * ``train_pass_sample``: the training forward's detached logits are the first sample
+      (β − 1 passes). It is a draw from the sample distribution only where the passes normalise
+      with batch statistics like the training forward (``"batch"``, ``"update"``).
+    * ``per_forward``: passes per batched forward (BatchNorm batch statistics per original
+      batch, see ``uce_fast.mc_sample``).
+    """
+
+    shared_prefix: bool = False
+    train_pass_sample: bool = False
+    per_forward: int = 1
+
+    def check(self, bn: str) -> None:
+        """Raises ``ValueError`` where a lever would change the samples' distribution."""
+        if self.train_pass_sample and bn == "running":
+            raise ValueError(
+                "the training pass is no MC sample with --sample-bn running: it normalises with "
+                "batch statistics, the sample passes with running statistics; use --sample-bn "
+                "batch (or update), or draw all β passes")
+        if self.per_forward > 1 and bn == "update":
+            raise ValueError(
+                "--samples-per-forward > 1 with --sample-bn update: BatchNorm would normalise "
+                "and update its running statistics with the statistics of the repeated batch "
+                "rather than those of each pass")
+
+
 @torch.no_grad()
 def draw_mc_samples(model: nn.Module, images: Tensor, beta: int, *, bn: str = "running",
                     autocast: Callable[[], contextlib.AbstractContextManager]
                     = contextlib.nullcontext, size: tuple[int, int] | None = None,
                     keep_stack: bool = False, backend: str = "auto",
+                    levers: SampleLevers = SampleLevers(), parts: ForwardParts | None = None,
                     ) -> tuple[uce_fast.MCAccumulator, Tensor | None]:
-    """``beta`` stochastic (MC-dropout) forward passes, streamed into a ``uce_fast.MCAccumulator``.
+    """``beta`` stochastic (MC-dropout) samples, streamed into a ``uce_fast.MCAccumulator``.
 
-    Runs without gradient, dropout on, BatchNorm per ``mc_dropout_mode(model, bn)``. No stack of
-    samples is built: each pass is folded into the accumulator (whose memory does not depend on
-    ``beta``) and freed. With ``size`` the passes stop before the model's final ×4 upsampling
-    (``model(images, upsample=False)``) and the accumulator upsamples to ``size`` inside its
-    kernels, with the head's ``align_corners=True``, so no full-resolution sample exists at all.
-    With ``keep_stack`` the passes are also returned stacked, (β, B, C, h, w) in the logits' dtype
+    Runs without gradient, dropout on, BatchNorm per ``mc_dropout_mode(model, bn)``, through
+    ``uce_fast.mc_sample`` with the ``levers`` (``parts``, the training forward's
+    :class:`ForwardParts`, is needed for ``train_pass_sample`` and reused by ``shared_prefix``
+    in ``"batch"`` mode). No stack of samples is built: each pass is folded into the accumulator
+    (whose memory does not depend on ``beta``) and freed. With ``size`` the passes stop before
+    the model's final ×4 upsampling and the accumulator upsamples to ``size`` inside its kernels,
+    with the head's ``align_corners=True``, so no full-resolution sample exists at all. With
+    ``keep_stack`` the samples are also returned stacked, (β, B, C, h, w) in the logits' dtype
     (the autocast dtype under AMP) — for the parity check, which needs them.
 
     Returns ``(accumulator, stack or None)``.
     """
-    acc = uce_fast.MCAccumulator(size, align_corners=True, backend=backend, capacity=beta)
-    stack = []
+    levers.check(bn)
+    low_res = size is not None
+    first = None
+    if levers.train_pass_sample:
+        if parts is None:
+            raise ValueError("train_pass_sample needs the training forward's parts")
+        first = (parts.low_res_logits if low_res else parts.logits).detach()
+    inputs, prefix = images, None
+    if levers.shared_prefix:
+        if bn == "batch" and parts is not None:
+            inputs = parts.prefix.detach()  # the same batch statistics: the same values
+        else:
+            prefix = model.prefix
+    stack: list[Tensor] = [] if first is None else [first.unsqueeze(0)]
+
+    def forward(x: Tensor) -> Tensor:
+        # x is the prefix's output with a shared prefix, else the images
+        logits = (model.suffix(x, upsample=not low_res) if levers.shared_prefix
+                  else model(x, upsample=not low_res))
+        if keep_stack:
+            stack.append(logits.view(-1, images.shape[0], *logits.shape[1:]))
+        return logits
+
+    # mc_sample enters uce_fast.mc_dropout for an nn.Module; in "update" mode BatchNorm must keep
+    # updating its running statistics (mc_dropout_mode skips mc_dropout there), so mc_sample gets
+    # the model as a plain callable.
+    target = model if bn != "update" else (lambda x: model(x))
     with mc_dropout_mode(model, bn), autocast():
-        for _ in range(beta):
-            logits = model(images, upsample=False) if size is not None else model(images)
-            acc.update(logits)
-            if keep_stack:
-                stack.append(logits)
-            del logits
-    return acc, torch.stack(stack) if keep_stack else None
+        acc = uce_fast.mc_sample(target, inputs, beta, per_forward=levers.per_forward,
+                                 size=size, align_corners=True, backend=backend, forward=forward,
+                                 prefix=prefix, first_sample=first)
+    return acc, torch.cat(stack) if keep_stack else None
 
 
 @torch.no_grad()
@@ -240,7 +300,8 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, num_classes:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             if mc_samples >= 2:
-                acc, _ = draw_mc_samples(model, images, mc_samples, autocast=autocast)
+                acc, _ = draw_mc_samples(model, images, mc_samples, autocast=autocast,
+                                         levers=SampleLevers(shared_prefix=True))
                 stats = uce_fast.mc_stats(acc)
                 del acc
                 pred, sigma = stats.pred, stats.sigma

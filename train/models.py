@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 __all__ = [
     "ENCODERS",
     "DeepLabV3Plus",
+    "ForwardParts",
     "ResNetEncoder",
     "build_model",
     "load_pretrained_encoder",
@@ -153,13 +155,21 @@ class ResNetEncoder(nn.Module):
         layers += [block(self._cin, planes, 1, dilation) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        low = self.dropout(self.layer1(x))
+    def prefix(self, x: Tensor) -> Tensor:
+        """The deterministic part: stem and ``layer1``, before the first dropout (stride 4)."""
+        return self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
+
+    def from_prefix(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """The stochastic rest: dropout after ``layer1`` (the decoder's skip input), then
+        ``layer2..4`` each followed by dropout; returns ``(low_level, high_level)``."""
+        low = self.dropout(h)
         x = self.dropout(self.layer2(low))
         x = self.dropout(self.layer3(x))
         x = self.dropout(self.layer4(x))
         return low, x
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.from_prefix(self.prefix(x))
 
 
 class SeparableConv2d(nn.Sequential):
@@ -239,12 +249,26 @@ class DeepLabV3PlusDecoder(nn.Module):
         return self.block2(torch.cat([high, self.block1(low)], dim=1))
 
 
+class ForwardParts(NamedTuple):
+    """What ``DeepLabV3Plus.forward(x, parts=True)`` returns besides the logits: everything a
+    U-CE step can reuse for its Monte-Carlo passes."""
+
+    logits: Tensor  # (B, C, H, W), or (B, C, H/4, W/4) with upsample=False
+    low_res_logits: Tensor  # (B, C, H/4, W/4): before the head's ×4 upsampling
+    prefix: Tensor  # the output of ``prefix(x)``: stem and layer1, before the first dropout
+
+
 class DeepLabV3Plus(nn.Module):
     """DeepLabV3+ (output stride 16) on a MC-dropout ResNet; ``encoder``, ``decoder``, ``head``.
 
     ``forward(x)`` returns (B, num_classes, H, W) logits for H, W divisible by 16;
     ``forward(x, upsample=False)`` returns the (B, num_classes, H/4, W/4) logits before the head's
-    ×4 bilinear upsampling.
+    ×4 bilinear upsampling; ``forward(x, parts=True)`` a :class:`ForwardParts`.
+
+    The model splits at its first dropout: ``forward(x) == suffix(prefix(x))``, where ``prefix``
+    (stem and ``layer1``) is deterministic for a given BatchNorm mode and ``suffix`` holds every
+    dropout — so Monte-Carlo passes can compute the prefix once (``uce_fast.mc_sample(...,
+    prefix=model.prefix, forward=model.suffix)``).
     """
 
     output_stride = 16
@@ -271,15 +295,27 @@ class DeepLabV3Plus(nn.Module):
         nn.init.xavier_uniform_(self.head.weight)  # smp initialize_head
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, x: Tensor, upsample: bool = True) -> Tensor:
+    def prefix(self, x: Tensor) -> Tensor:
+        """Stem and ``layer1`` of the encoder: the layers before the first dropout."""
         h, w = x.shape[-2:]
         if h % self.output_stride or w % self.output_stride:
             raise ValueError(
                 f"input height and width must be divisible by {self.output_stride}, got {h}×{w}"
             )
-        low, high = self.encoder(x)
-        logits = self.head(self.decoder(low, high))
+        return self.encoder.prefix(x)
+
+    def suffix(self, h: Tensor, upsample: bool = True) -> Tensor:
+        """The rest of the model on the output of :meth:`prefix`: logits, (B, C, H, W), or
+        (B, C, H/4, W/4) with ``upsample=False``."""
+        logits = self.head(self.decoder(*self.encoder.from_prefix(h)))
         return self.head_upsample(logits) if upsample else logits
+
+    def forward(self, x: Tensor, upsample: bool = True,
+                parts: bool = False) -> Tensor | ForwardParts:
+        h = self.prefix(x)
+        low_res = self.suffix(h, upsample=False)
+        logits = self.head_upsample(low_res) if upsample else low_res
+        return ForwardParts(logits, low_res, h) if parts else logits
 
 
 def build_model(num_classes: int, encoder: str = "resnet18", dropout: float = 0.2,

@@ -31,7 +31,7 @@ from train.checkpoint import (
     resolve_resume,
     set_rng_state,
 )
-from train.config import parse_args
+from train.config import parse_args, sample_levers
 from train.data import (
     IGNORE_INDEX,
     DatasetError,
@@ -195,6 +195,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, object]:
     criterion = uce_fast.UCELoss(alpha=args.alpha, ignore_index=IGNORE_INDEX,
                                  backend=args.backend) if args.loss == "uce" else None
     logits_dtype = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    levers = sample_levers(args)
     backend = resolve_backend(args.backend, device, (logits_dtype,)) if criterion else "-"
 
     # -------------------------------------------------------------------------------- resume
@@ -235,6 +236,14 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, object]:
         f"uce_fast backend {backend}" + (f", β={args.beta} α={args.alpha:g}"
                                          if criterion else "")
     )
+    if criterion is not None:
+        used = [name for name, on in (
+            ("shared prefix", levers.shared_prefix),
+            ("training pass as a sample", levers.train_pass_sample),
+            (f"{levers.per_forward} per forward", levers.per_forward > 1),
+            ("low resolution", args.low_res_samples)) if on]
+        logger.print(f"MC sample passes: BatchNorm {args.sample_bn}"
+                     + (f"; {', '.join(used)}" if used else ""))
     if args.pretrained is None and args.dataset != "synthetic":
         logger.print("warning: no --pretrained weights; the paper starts from ImageNet weights")
     if args.check_every > 0 and criterion is None:
@@ -324,15 +333,17 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, object]:
                 check = (criterion is not None and args.check_every > 0
                          and (iteration + 1) % args.check_every == 0)
                 with autocast():
-                    logits = net(images)
+                    parts = net(images, parts=True)
+                logits = parts.logits
                 timer.lap("forward")
                 samples = stack = None
                 if criterion is not None:
                     samples, stack = draw_mc_samples(
                         model, images, args.beta, bn=args.sample_bn, autocast=autocast,
                         size=tuple(logits.shape[-2:]) if args.low_res_samples else None,
-                        keep_stack=check, backend=args.backend)
+                        keep_stack=check, backend=args.backend, levers=levers, parts=parts)
                     timer.lap("samples")
+                del parts
                 if check:
                     logits.retain_grad()
                 loss = compute_loss(args.loss, criterion, logits, labels, samples, IGNORE_INDEX)
