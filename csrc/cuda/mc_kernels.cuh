@@ -28,6 +28,7 @@
 #include <cstring>
 
 #include "common/uce_math.h"
+#include "cuda/device_compat.h"
 #include "cuda/mc_launchers.h"
 #include "cuda/uce_kernels.cuh"
 
@@ -117,31 +118,7 @@ template <int V, bool kVec>
 __device__ __forceinline__ void load_state_row(const float* p,
                                                const Pixels<V>& px,
                                                int64_t off, float (&out)[V]) {
-  if constexpr (kVec) {
-    constexpr int kBytes = kChunkBytes<DType::kFloat32, V>;
-    constexpr int kPer = kBytes / static_cast<int>(sizeof(float));
-    using CT = typename Chunk<kBytes>::T;
-    if (px.valid[0]) {
-      const CT* src = reinterpret_cast<const CT*>(p + px.base[0] + off);
-#pragma unroll
-      for (int i = 0; i < V / kPer; ++i) {
-        const CT raw = src[i];
-        float e[kPer];
-        memcpy(e, &raw, kBytes);
-#pragma unroll
-        for (int j = 0; j < kPer; ++j) out[i * kPer + j] = e[j];
-      }
-    } else {
-#pragma unroll
-      for (int v = 0; v < V; ++v) out[v] = 0.0f;
-    }
-  } else {
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      out[v] = 0.0f;
-      if (px.valid[v]) out[v] = p[px.base[v] + off];
-    }
-  }
+  load_row<DType::kFloat32, V, kVec, /*kLdg=*/false>(p, px, off, out);
 }
 
 // An opaque copy of x: the compiler cannot prove it equal to x, so the
@@ -150,7 +127,11 @@ __device__ __forceinline__ void load_state_row(const float* p,
 // 64-bit addresses being hoisted out of the sample loop or kept live from
 // the state's load to its store: those took 64-255 registers and spilled.
 __device__ __forceinline__ int64_t opaque(int64_t x) {
-  asm volatile("" : "+l"(x));
+#if defined(__CUDACC__)
+  asm volatile("" : "+l"(x));  // "l": a 64-bit PTX register
+#else
+  asm volatile("" : "+r"(x));  // host build of the kernels (tests)
+#endif
   return x;
 }
 
@@ -168,16 +149,15 @@ __device__ __forceinline__ float entr(float p) {
 template <int V>
 __device__ __forceinline__ void reduce_store(const McArgs& a,
                                              const Pixels<V>& px,
-                                             const float (&best_m2)[V],
-                                             const int32_t (&idx)[V],
+                                             const ArgMax<V>& best,
                                              const float (&hmean)[V],
                                              const float (&ent)[V]) {
 #pragma unroll
   for (int v = 0; v < V; ++v) {
     if (!px.valid[v]) continue;
     const int64_t q = px.q[v];
-    a.sigma_out[q] = uce::welford_std(best_m2[v], a.inv_denom);
-    a.pred_out[q] = idx[v];
+    a.sigma_out[q] = uce::welford_std(best.m2[v], a.inv_denom);
+    a.pred_out[q] = best.cls[v];
     if (a.entropy_out != nullptr) {
       a.entropy_out[q] = hmean[v];
       a.mutual_info_out[q] = uce::mutual_info(hmean[v], ent[v]);
@@ -246,65 +226,17 @@ __global__ void __launch_bounds__(kRegThreads)
     for (int s = 0; s < S; ++s) {
       const ElemT<ST>* __restrict__ xs = samples + s * s_stride;
       const int64_t cs = opaque(plane);
-      float x[CM][V];
-#pragma unroll
-      for (int c = 0; c < CM; ++c) {
-        if (c < C) {
-          sample_row<ST, V, kVec, kInterp>(xs, px, tp,
-                                           static_cast<int64_t>(c) * cs, x[c]);
-        } else {
-#pragma unroll
-          for (int v = 0; v < V; ++v) x[c][v] = 0.0f;
-        }
-      }
-      float mx[V], sum[V], te[V], inv[V];
-#pragma unroll
-      for (int v = 0; v < V; ++v) mx[v] = x[0][v];
-#pragma unroll
-      for (int c = 1; c < CM; ++c) {
-        if (c < C) {
-#pragma unroll
-          for (int v = 0; v < V; ++v) mx[v] = x[c][v] > mx[v] ? x[c][v] : mx[v];
-        }
-      }
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        sum[v] = 0.0f;
-        te[v] = 0.0f;
-      }
-#pragma unroll
-      for (int c = 0; c < CM; ++c) {
-        if (c < C) {
-#pragma unroll
-          for (int v = 0; v < V; ++v) {
-            // d <= 0; NaN when every class is -inf (or any is NaN or +inf),
-            // which propagates to the pixel as in the reference. A class at
-            // -inf below a finite max has e = 0 and adds 0 (not 0 * -inf) to
-            // the entropy sum.
-            const float d = x[c][v] - mx[v];
-            const float e = exp_f(d);
-            x[c][v] = e;
-            sum[v] += e;
-            te[v] += uce::entropy_term(e, d);
-          }
-        }
-      }
-#pragma unroll
-      for (int v = 0; v < V; ++v) inv[v] = 1.0f / sum[v];
+      float x[CM][V], sum[V], te[V];
+      load_rows<CM, V>(0, C, [&](int c, float (&row)[V]) {
+        sample_row<ST, V, kVec, kInterp>(xs, px, tp,
+                                         static_cast<int64_t>(c) * cs, row);
+      }, x);
       const float inv_k = 1.0f / static_cast<float>(a.count + s + 1);
-#pragma unroll
-      for (int c = 0; c < CM; ++c) {
-        if (c < C) {
-#pragma unroll
-          for (int v = 0; v < V; ++v) {
-            uce::welford_update(x[c][v] * inv[v], inv_k, mean[c][v], m2[c][v]);
-          }
-        }
-      }
+      fold_sample<CM, V>(C, x, inv_k, mean, m2, sum, te);
       // H as uce::softmax_entropy, but with logf (fast_logf rounds otherwise).
 #pragma unroll
       for (int v = 0; v < V; ++v) {
-        const float h = logf(sum[v]) - te[v] * inv[v];
+        const float h = logf(sum[v]) - te[v] * (1.0f / sum[v]);
         uce::mean_update(h, inv_k, ent[v]);
       }
     }
@@ -324,27 +256,14 @@ __global__ void __launch_bounds__(kRegThreads)
         if (px.valid[v]) a.entropy[px.q[v]] = ent[v];
       }
     } else {
-      float best[V], best_m2[V], hmean[V];
-      int32_t idx[V];
+      ArgMax<V> best;
 #pragma unroll
-      for (int v = 0; v < V; ++v) {
-        best[v] = mean[0][v];
-        best_m2[v] = m2[0][v];
-        idx[v] = 0;
-        hmean[v] = 0.0f;
+      for (int c = 0; c < CM; ++c) {
+        if (c == 0 || c < C) best.step(c, mean[c], m2[c]);  // C >= 1
       }
+      float hmean[V];
 #pragma unroll
-      for (int c = 1; c < CM; ++c) {
-        if (c < C) {
-#pragma unroll
-          for (int v = 0; v < V; ++v) {
-            const bool take = argmax_takes(mean[c][v], best[v]);
-            best[v] = take ? mean[c][v] : best[v];
-            best_m2[v] = take ? m2[c][v] : best_m2[v];
-            idx[v] = take ? c : idx[v];
-          }
-        }
-      }
+      for (int v = 0; v < V; ++v) hmean[v] = 0.0f;
       if (a.entropy_out != nullptr) {
 #pragma unroll
         for (int c = 0; c < CM; ++c) {
@@ -364,7 +283,7 @@ __global__ void __launch_bounds__(kRegThreads)
           }
         }
       }
-      reduce_store<V>(a, px, best_m2, idx, hmean, ent);
+      reduce_store<V>(a, px, best, hmean, ent);
     }
   }
 }
@@ -395,7 +314,7 @@ __global__ void __launch_bounds__(kMcChunkThreads)
     mc_state_chunked_kernel(const McArgs a, float scale_h, float scale_w,
                             int64_t tiles, float* __restrict__ gstat) {
   constexpr int K = kChunkClasses;
-  extern __shared__ float s_mcstat[];
+  UCE_DYNAMIC_SHARED(float, s_mcstat);
   const ElemT<ST>* __restrict__ samples =
       static_cast<const ElemT<ST>*>(a.samples);
   const int C = static_cast<int>(a.C);
@@ -424,32 +343,14 @@ __global__ void __launch_bounds__(kMcChunkThreads)
     for (int s = 0; s < S; ++s) {
       const ElemT<ST>* __restrict__ xs = samples + s * s_stride;
       float m[V], l[V];
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        m[v] = -kInf;
-        l[v] = 0.0f;
-      }
-#pragma unroll 4
-      for (int c = 0; c < C; ++c) {
-        float r[V];
+      online_normalisers<V>(C, [&](int c, float (&row)[V]) {
         sample_row<ST, V, kVec, kInterp>(xs, px, tp,
-                                         static_cast<int64_t>(c) * plane, r);
-#pragma unroll
-        for (int v = 0; v < V; ++v) {
-          // As mc_chunked_kernel: one exp per element; r == m gives exactly
-          // 1 without subtracting (no -inf - -inf from leading -inf classes).
-          const bool up = r[v] > m[v];
-          const float d = up ? m[v] - r[v] : r[v] - m[v];
-          const float e = r[v] == m[v] ? 1.0f : exp_f(d);
-          l[v] = up ? fmaf(l[v], e, 1.0f) : l[v] + e;
-          m[v] = up ? r[v] : m[v];
-        }
-      }
+                                         static_cast<int64_t>(c) * plane, row);
+      }, m, l);
       const int64_t row = 3 * static_cast<int64_t>(s) * P;
 #pragma unroll
       for (int v = 0; v < V; ++v) {
-        const int64_t slot =
-            row + v * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+        const int64_t slot = stat_slot(row, v);
         stat[slot] = m[v];
         // A +inf max makes every probability NaN (exp(inf - inf) in the
         // reference's sum); NaN and all -inf reach NaN through l and pass 2.
@@ -459,15 +360,10 @@ __global__ void __launch_bounds__(kMcChunkThreads)
     }
 
     // Pass 2: Welford over the samples, K classes at a time.
-    float best[V], best_m2[V], hmean[V];
-    int32_t idx[V];
+    ArgMax<V> best;
+    float hmean[V];
 #pragma unroll
-    for (int v = 0; v < V; ++v) {
-      best[v] = 0.0f;
-      best_m2[v] = 0.0f;
-      hmean[v] = 0.0f;
-      idx[v] = 0;
-    }
+    for (int v = 0; v < V; ++v) hmean[v] = 0.0f;
     for (int c0 = 0; c0 < C; c0 += K) {
       float mean[K][V], m2[K][V];
 #pragma unroll
@@ -488,22 +384,15 @@ __global__ void __launch_bounds__(kMcChunkThreads)
         const ElemT<ST>* __restrict__ xs = samples + s * s_stride;
         const int64_t cs = opaque(plane);
         float x[K][V];
-#pragma unroll
-        for (int k = 0; k < K; ++k) {
-          if (c0 + k < C) {
-            sample_row<ST, V, kVec, kInterp>(
-                xs, px, tp, static_cast<int64_t>(c0 + k) * cs, x[k]);
-          } else {
-#pragma unroll
-            for (int v = 0; v < V; ++v) x[k][v] = 0.0f;
-          }
-        }
+        load_rows<K, V>(c0, C, [&](int c, float (&row)[V]) {
+          sample_row<ST, V, kVec, kInterp>(xs, px, tp,
+                                           static_cast<int64_t>(c) * cs, row);
+        }, x);
         float ms[V], inv[V], te[V];
         const int64_t row = 3 * static_cast<int64_t>(s) * P;
 #pragma unroll
         for (int v = 0; v < V; ++v) {
-          const int64_t slot =
-              row + v * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+          const int64_t slot = stat_slot(row, v);
           ms[v] = stat[slot];
           inv[v] = 1.0f / stat[slot + P];
           te[v] = 0.0f;
@@ -523,9 +412,7 @@ __global__ void __launch_bounds__(kMcChunkThreads)
         }
 #pragma unroll
         for (int v = 0; v < V; ++v) {
-          const int64_t slot =
-              row + 2 * P + v * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-          stat[slot] += te[v];
+          stat[stat_slot(row + 2 * P, v)] += te[v];
         }
       }
       if constexpr (!kReduce) {
@@ -542,13 +429,7 @@ __global__ void __launch_bounds__(kMcChunkThreads)
         for (int k = 0; k < K; ++k) {
           const int c = c0 + k;
           if (c < C) {
-#pragma unroll
-            for (int v = 0; v < V; ++v) {
-              const bool take = c == 0 || argmax_takes(mean[k][v], best[v]);
-              best[v] = take ? mean[k][v] : best[v];
-              best_m2[v] = take ? m2[k][v] : best_m2[v];
-              idx[v] = take ? c : idx[v];
-            }
+            best.step(c, mean[k], m2[k]);
             if (a.entropy_out != nullptr) {
 #pragma unroll
               for (int v = 0; v < V; ++v) hmean[v] += entr(mean[k][v]);
@@ -574,8 +455,7 @@ __global__ void __launch_bounds__(kMcChunkThreads)
       const float inv_k = 1.0f / static_cast<float>(a.count + s + 1);
 #pragma unroll
       for (int v = 0; v < V; ++v) {
-        const int64_t slot =
-            row + P + v * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+        const int64_t slot = stat_slot(row + P, v);
         const float sum = stat[slot];
         const float h = logf(sum) - stat[slot + P] * (1.0f / sum);
         uce::mean_update(h, inv_k, ent[v]);
@@ -587,13 +467,23 @@ __global__ void __launch_bounds__(kMcChunkThreads)
         if (px.valid[v]) a.entropy[px.q[v]] = ent[v];
       }
     } else {
-      reduce_store<V>(a, px, best_m2, idx, hmean, ent);
+      reduce_store<V>(a, px, best, hmean, ent);
     }
   }
 }
 
 // ---------------------------------------------------------------------------
 // Launchers.
+
+// Whether the samples (read as they are) and the state and probability rows
+// of N pixels allow vector mode with V pixels per thread.
+template <DType ST, int V>
+bool mc_can_vectorise(const McArgs& a, int64_t N) {
+  return can_vectorise<ST, V>(a.samples, N) &&
+         can_vectorise<DType::kFloat32, V>(a.mean, N) &&
+         can_vectorise<DType::kFloat32, V>(a.m2, N) &&
+         can_vectorise<DType::kFloat32, V>(a.probs_out, N);
+}
 
 template <DType ST, int CM, int V, bool kReduce>
 cudaError_t launch_mc_state_bucket(const McArgs& a, float scale_h,
@@ -605,25 +495,24 @@ cudaError_t launch_mc_state_bucket(const McArgs& a, float scale_h,
     const int64_t tiles =
         ceil_div(total, static_cast<int64_t>(kRegThreads) * VI);
     const dim3 grid(static_cast<unsigned int>(grid_for(tiles)));
-    mc_state_register_kernel<ST, CM, VI, false, true, kReduce>
-        <<<grid, kRegThreads, 0, stream>>>(a, scale_h, scale_w, tiles);
+    UCE_LAUNCH(grid, kRegThreads, 0, stream,
+               mc_state_register_kernel<ST, CM, VI, false, true, kReduce>)(
+        a, scale_h, scale_w, tiles);
     return cudaGetLastError();
   }
   const int64_t tiles = ceil_div(total, static_cast<int64_t>(kRegThreads) * V);
   const dim3 grid(static_cast<unsigned int>(grid_for(tiles)));
   if constexpr (V > 1) {
-    const bool vec = can_vectorise<ST, V>(a.samples, N) &&
-                     can_vectorise<DType::kFloat32, V>(a.mean, N) &&
-                     can_vectorise<DType::kFloat32, V>(a.m2, N) &&
-                     can_vectorise<DType::kFloat32, V>(a.probs_out, N);
-    if (vec) {
-      mc_state_register_kernel<ST, CM, V, true, false, kReduce>
-          <<<grid, kRegThreads, 0, stream>>>(a, scale_h, scale_w, tiles);
+    if (mc_can_vectorise<ST, V>(a, N)) {
+      UCE_LAUNCH(grid, kRegThreads, 0, stream,
+                 mc_state_register_kernel<ST, CM, V, true, false, kReduce>)(
+          a, scale_h, scale_w, tiles);
       return cudaGetLastError();
     }
   }
-  mc_state_register_kernel<ST, CM, V, false, false, kReduce>
-      <<<grid, kRegThreads, 0, stream>>>(a, scale_h, scale_w, tiles);
+  UCE_LAUNCH(grid, kRegThreads, 0, stream,
+             mc_state_register_kernel<ST, CM, V, false, false, kReduce>)(
+      a, scale_h, scale_w, tiles);
   return cudaGetLastError();
 }
 
@@ -639,25 +528,21 @@ cudaError_t launch_mc_state_chunked(const McArgs& a, float scale_h,
   }
   const dim3 grid(static_cast<unsigned int>(plan.grid));
   if (mc_interp(a)) {
-    mc_state_chunked_kernel<ST, kMcChunkPixelsInterp, false, true, kReduce>
-        <<<grid, kMcChunkThreads, plan.smem_bytes, stream>>>(
-            a, scale_h, scale_w, plan.tiles, gstat);
+    UCE_LAUNCH(grid, kMcChunkThreads, plan.smem_bytes, stream,
+               mc_state_chunked_kernel<ST, kMcChunkPixelsInterp, false, true,
+                                       kReduce>)(a, scale_h, scale_w,
+                                                 plan.tiles, gstat);
     return cudaGetLastError();
   }
   constexpr int V = kMcChunkPixels;
-  const int64_t N = a.out_h * a.out_w;
-  const bool vec = can_vectorise<ST, V>(a.samples, N) &&
-                   can_vectorise<DType::kFloat32, V>(a.mean, N) &&
-                   can_vectorise<DType::kFloat32, V>(a.m2, N) &&
-                   can_vectorise<DType::kFloat32, V>(a.probs_out, N);
-  if (vec) {
-    mc_state_chunked_kernel<ST, V, true, false, kReduce>
-        <<<grid, kMcChunkThreads, plan.smem_bytes, stream>>>(
-            a, scale_h, scale_w, plan.tiles, gstat);
+  if (mc_can_vectorise<ST, V>(a, a.out_h * a.out_w)) {
+    UCE_LAUNCH(grid, kMcChunkThreads, plan.smem_bytes, stream,
+               mc_state_chunked_kernel<ST, V, true, false, kReduce>)(
+        a, scale_h, scale_w, plan.tiles, gstat);
   } else {
-    mc_state_chunked_kernel<ST, V, false, false, kReduce>
-        <<<grid, kMcChunkThreads, plan.smem_bytes, stream>>>(
-            a, scale_h, scale_w, plan.tiles, gstat);
+    UCE_LAUNCH(grid, kMcChunkThreads, plan.smem_bytes, stream,
+               mc_state_chunked_kernel<ST, V, false, false, kReduce>)(
+        a, scale_h, scale_w, plan.tiles, gstat);
   }
   return cudaGetLastError();
 }
@@ -667,29 +552,15 @@ cudaError_t launch_mc_state(const McArgs& a, float* scratch,
                             cudaStream_t stream) {
   const float scale_h = uce::bilinear_scale(a.in_h, a.out_h, a.align_corners);
   const float scale_w = uce::bilinear_scale(a.in_w, a.out_w, a.align_corners);
-  if (a.C <= 4) {
-    return launch_mc_state_bucket<ST, 4, 8, kReduce>(a, scale_h, scale_w,
-                                                     stream);
+  if (a.C > kRegisterMaxClasses) {
+    return launch_mc_state_chunked<ST, kReduce>(a, scale_h, scale_w, scratch,
+                                                stream);
   }
-  if (a.C <= 8) {
-    return launch_mc_state_bucket<ST, 8, 4, kReduce>(a, scale_h, scale_w,
-                                                     stream);
-  }
-  if (a.C <= 16) {
-    return launch_mc_state_bucket<ST, 16, 2, kReduce>(a, scale_h, scale_w,
-                                                      stream);
-  }
-  if (a.C <= 32) {
-    return launch_mc_state_bucket<ST, 32, 1, kReduce>(a, scale_h, scale_w,
-                                                      stream);
-  }
-  static_assert(kRegisterMaxClasses == 64, "register buckets end at 64");
-  if (a.C <= kRegisterMaxClasses) {
-    return launch_mc_state_bucket<ST, 64, 1, kReduce>(a, scale_h, scale_w,
-                                                      stream);
-  }
-  return launch_mc_state_chunked<ST, kReduce>(a, scale_h, scale_w, scratch,
-                                              stream);
+  return with_register_bucket(a.C, [&](auto b) {
+    using B = decltype(b);
+    return launch_mc_state_bucket<ST, B::CM, B::V, kReduce>(a, scale_h,
+                                                            scale_w, stream);
+  });
 }
 
 }  // namespace detail

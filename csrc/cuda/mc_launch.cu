@@ -13,35 +13,10 @@ namespace uce_cuda {
 namespace detail {
 
 ChunkPlan mc_chunk_plan(const McArgs& a) {
-  ChunkPlan p;
   const int64_t pixels =
       static_cast<int64_t>(kMcChunkThreads) *
       (mc_interp(a) ? kMcChunkPixelsInterp : kMcChunkPixels);
-  p.tiles = (a.B * a.out_h * a.out_w + pixels - 1) / pixels;
-  const int64_t stat_floats = 3 * a.S * pixels;  // per block
-  const int64_t max_grid = 0x7fffffff;
-  if (stat_floats * static_cast<int64_t>(sizeof(float)) <= kChunkSmemBytes) {
-    p.grid = p.tiles < max_grid ? p.tiles : max_grid;
-    p.smem_bytes = static_cast<size_t>(stat_floats) * sizeof(float);
-    return p;
-  }
-  // Per-sample statistics in global scratch, one slice per block: a grid of
-  // a few blocks per SM (grid-stride over the tiles) bounds the scratch to
-  // ~ 8 * SMs * 3 * S * P floats instead of 3 * S per pixel.
-  int device = 0;
-  int sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) !=
-          cudaSuccess ||
-      sms <= 0) {
-    (void)cudaGetLastError();  // clear it: the launch check reads it
-    sms = 128;
-  }
-  const int64_t cap = 8 * static_cast<int64_t>(sms);
-  p.grid = p.tiles < cap ? p.tiles : cap;
-  p.smem_bytes = 0;
-  p.scratch_floats = p.grid * stat_floats;
-  return p;
+  return plan_chunks(a.B * a.out_h * a.out_w, pixels, 3 * a.S * pixels);
 }
 
 }  // namespace detail
@@ -58,16 +33,10 @@ namespace {
 
 template <bool kReduce>
 cudaError_t launch(const McArgs& a, float* scratch, cudaStream_t stream) {
-  using detail::launch_mc_state;
-  switch (a.samples_dtype) {
-    case DType::kFloat32:
-      return launch_mc_state<DType::kFloat32, kReduce>(a, scratch, stream);
-    case DType::kFloat16:
-      return launch_mc_state<DType::kFloat16, kReduce>(a, scratch, stream);
-    case DType::kBFloat16:
-      return launch_mc_state<DType::kBFloat16, kReduce>(a, scratch, stream);
-  }
-  return cudaErrorInvalidValue;
+  return detail::with_dtype(a.samples_dtype, [&](auto st) {
+    return detail::launch_mc_state<decltype(st)::value, kReduce>(a, scratch,
+                                                                 stream);
+  });
 }
 
 }  // namespace

@@ -17,7 +17,8 @@ namespace uce_cuda {
 // Element type of input / samples / grad_input.
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// uce_forward (input != nullptr) and mc_uncertainty (input == nullptr).
+// uce_forward: per-pixel weighted CE, the weight from the Monte-Carlo samples
+// or from a given sigma.
 struct ForwardArgs {
   int64_t B = 0, C = 0, N = 0;
 
@@ -30,7 +31,7 @@ struct ForwardArgs {
   // Given sigma (B, N) float32 (nullptr when samples are given).
   const float* sigma_in = nullptr;
 
-  // Cross-entropy part (input == nullptr: mc_uncertainty only).
+  // Cross-entropy part.
   const void* input = nullptr;
   DType input_dtype = DType::kFloat32;
   const int64_t* target = nullptr;
@@ -44,12 +45,13 @@ struct ForwardArgs {
   // caller; kernels lower it with atomicMin and never read out of bounds.
   long long* bad_pixel = nullptr;
 
-  // Outputs, (B, N) each.
+  // Outputs, (B, N) each: loss, pixel weight and the softmax normaliser of
+  // the logits, norm_max = max_c x_c and norm_log = log sum_c exp(x_c - max)
+  // (the two planes of the op's norm (2, B, N)).
   float* loss = nullptr;
-  float* lse = nullptr;
+  float* norm_max = nullptr;
+  float* norm_log = nullptr;
   float* pixel_weight = nullptr;
-  float* sigma_out = nullptr;   // mc_uncertainty
-  int64_t* pred_out = nullptr;  // mc_uncertainty
 };
 
 struct BackwardArgs {
@@ -58,7 +60,8 @@ struct BackwardArgs {
   const void* input = nullptr;       // (B, C, N)
   DType input_dtype = DType::kFloat32;
   const int64_t* target = nullptr;
-  const float* lse = nullptr;
+  const float* norm_max = nullptr;  // (B, N) each, as written by forward()
+  const float* norm_log = nullptr;
   const float* pixel_weight = nullptr;
   const float* weight = nullptr;
   float one_minus_eps = 1.0f;

@@ -31,6 +31,7 @@
 #include <cstring>
 
 #include "common/uce_math.h"
+#include "cuda/device_compat.h"
 #include "cuda/uce_launchers.h"
 
 namespace uce_cuda {
@@ -178,12 +179,23 @@ __device__ __forceinline__ void tile_pixels(Pixels<V>& px, int64_t tile,
   }
 }
 
+// A load through the read-only data cache (__ldg), or a plain one for data
+// that the same launch writes later (the Monte-Carlo state), which the
+// non-coherent cache may not hold.
+template <bool kLdg, typename T>
+__device__ __forceinline__ T load_elem(const T* p) {
+  if constexpr (kLdg) {
+    return __ldg(p);
+  } else {
+    return *p;
+  }
+}
+
 // Loads one class row (element offset `off` from each pixel's base) of the
 // thread's V pixels, widened to fp32; masked pixels read nothing and get 0.
-template <DType D, int V, bool kVec>
-__device__ __forceinline__ void load_row(const ElemT<D>* __restrict__ p,
-                                         const Pixels<V>& px, int64_t off,
-                                         float (&out)[V]) {
+template <DType D, int V, bool kVec, bool kLdg = true>
+__device__ __forceinline__ void load_row(const ElemT<D>* p, const Pixels<V>& px,
+                                         int64_t off, float (&out)[V]) {
   using T = ElemT<D>;
   if constexpr (kVec) {
     constexpr int kBytes = kChunkBytes<D, V>;
@@ -193,7 +205,7 @@ __device__ __forceinline__ void load_row(const ElemT<D>* __restrict__ p,
       const CT* src = reinterpret_cast<const CT*>(p + px.base[0] + off);
 #pragma unroll
       for (int i = 0; i < V / kPer; ++i) {
-        const CT raw = __ldg(src + i);
+        const CT raw = load_elem<kLdg>(src + i);
         T e[kPer];
         memcpy(e, &raw, kBytes);
 #pragma unroll
@@ -207,7 +219,9 @@ __device__ __forceinline__ void load_row(const ElemT<D>* __restrict__ p,
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       out[v] = 0.0f;
-      if (px.valid[v]) out[v] = Elem<D>::load(__ldg(p + px.base[v] + off));
+      if (px.valid[v]) {
+        out[v] = Elem<D>::load(load_elem<kLdg>(p + px.base[v] + off));
+      }
     }
   }
 }
@@ -251,13 +265,16 @@ constexpr float kLog2e = 1.44269504088896341f;
 // --use_fast_math is the non-flushing ex2.approx.f32, within 2 ulp). The
 // product's rounding adds |x| * 2^-24 relative error, which only matters
 // where the result is far below the dominant terms (softmax arguments are
-// x - max <= 0, backward's are x - lse <= 0); exp(-inf) = 0, NaN stays NaN.
+// x - max <= 0, backward's (x - max) - log-sum <= 0); exp(-inf) = 0, NaN
+// stays NaN.
 __device__ __forceinline__ float exp_f(float x) { return exp2f(x * kLog2e); }
 
-// Sum of the class weights, in double as the CPU backend computes it. Every
-// thread of the block must call it (it synchronises); warp 0 reduces.
+// Sum of the class weights, in double as the CPU backend computes it, or C
+// without weights (cw == nullptr). With weights every thread of the block
+// must call it (it synchronises); warp 0 reduces into *slot.
 __device__ __forceinline__ float class_weight_sum(const float* __restrict__ cw,
                                                   int64_t C, float* slot) {
+  if (cw == nullptr) return static_cast<float>(C);
   if (threadIdx.x < 32) {
     double acc = 0.0;
     for (int64_t c = threadIdx.x; c < C; c += 32) {
@@ -300,9 +317,141 @@ __device__ __forceinline__ bool argmax_takes(float v, float best) {
   return (v > best) || (v != v && best == best);
 }
 
+// Running argmax over the class means of the thread's V pixels, carrying the
+// winning class's M2 and index. Classes are stepped in order, from class 0
+// (which always takes).
+template <int V>
+struct ArgMax {
+  float mean[V] = {};
+  float m2[V] = {};
+  int32_t cls[V] = {};
+
+  __device__ __forceinline__ void step(int c, const float (&mean_c)[V],
+                                       const float (&m2_c)[V]) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const bool take = c == 0 || argmax_takes(mean_c[v], mean[v]);
+      mean[v] = take ? mean_c[v] : mean[v];
+      m2[v] = take ? m2_c[v] : m2[v];
+      cls[v] = take ? c : cls[v];
+    }
+  }
+};
+
+// Loads the class rows c0 .. c0 + K - 1 of a sample into x through
+// load(c, row); rows at or past C are set to 0 and never read.
+template <int K, int V, typename LoadRow>
+__device__ __forceinline__ void load_rows(int c0, int C, const LoadRow& load,
+                                          float (&x)[K][V]) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (c0 + k < C) {
+      load(c0 + k, x[k]);
+    } else {
+#pragma unroll
+      for (int v = 0; v < V; ++v) x[k][v] = 0.0f;
+    }
+  }
+}
+
+// Folds one sample, all of whose C <= CM class rows are in registers, into
+// the per-class Welford mean / M2 (1 / k = inv_k for the k-th sample):
+// x becomes exp(x - max) and p = x / sum is folded. Also returns the sum and
+// the entropy sum sum_c e_c (x_c - max) (see uce::entropy_term); callers
+// without an entropy leave it unused. x - max <= 0; NaN when every class is
+// -inf (or any is NaN or +inf), which propagates to the pixel as in the
+// reference.
+template <int CM, int V>
+__device__ __forceinline__ void fold_sample(int C, float (&x)[CM][V],
+                                            float inv_k, float (&mean)[CM][V],
+                                            float (&m2)[CM][V],
+                                            float (&sum)[V], float (&te)[V]) {
+  float mx[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) mx[v] = x[0][v];
+#pragma unroll
+  for (int c = 1; c < CM; ++c) {
+    if (c < C) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) mx[v] = x[c][v] > mx[v] ? x[c][v] : mx[v];
+    }
+  }
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    sum[v] = 0.0f;
+    te[v] = 0.0f;
+  }
+#pragma unroll
+  for (int c = 0; c < CM; ++c) {
+    if (c < C) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        // A class at -inf below a finite max has e = 0 and adds 0 (not
+        // 0 * -inf) to the entropy sum.
+        const float d = x[c][v] - mx[v];
+        const float e = exp_f(d);
+        x[c][v] = e;
+        sum[v] += e;
+        te[v] += uce::entropy_term(e, d);
+      }
+    }
+  }
+  float inv[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) inv[v] = 1.0f / sum[v];
+#pragma unroll
+  for (int c = 0; c < CM; ++c) {
+    if (c < C) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        uce::welford_update(x[c][v] * inv[v], inv_k, mean[c][v], m2[c][v]);
+      }
+    }
+  }
+}
+
+// Pass 1 of the class-chunked kernels for one sample: the softmax
+// normalisers (max m, sum l of exp(x - m)) of the thread's V pixels from one
+// read of the C class rows through load(c, row), with an online max and one
+// exp per element: a new maximum rescales the sum by exp(m - r), otherwise
+// exp(r - m) is added. r == m gives exactly 1 without subtracting, which
+// also covers -inf == -inf (no -inf - -inf NaN from leading -inf classes).
+template <int V, typename LoadRow>
+__device__ __forceinline__ void online_normalisers(int C, const LoadRow& load,
+                                                   float (&m)[V],
+                                                   float (&l)[V]) {
+  const float kInf = __int_as_float(0x7f800000);
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    m[v] = -kInf;
+    l[v] = 0.0f;
+  }
+#pragma unroll 4
+  for (int c = 0; c < C; ++c) {
+    float r[V];
+    load(c, r);
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const bool up = r[v] > m[v];
+      const float d = up ? m[v] - r[v] : r[v] - m[v];
+      const float e = r[v] == m[v] ? 1.0f : exp_f(d);
+      l[v] = up ? fmaf(l[v], e, 1.0f) : l[v] + e;
+      m[v] = up ? r[v] : m[v];
+    }
+  }
+}
+
+// Element offset of pixel v of this thread in row `row` of a class-chunked
+// kernel's per-block statistics (rows of P = blockDim.x * V floats):
+// thread-private slots v * threads + tid, conflict-free and needing no
+// barrier.
+__device__ __forceinline__ int64_t stat_slot(int64_t row, int v) {
+  return row + v * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+}
+
 // ---------------------------------------------------------------------------
 // Weighted, label-smoothed CE of the thread's V pixels, scaled by
-// (1 + sigma)^alpha; writes loss, lse and pixel weight. Two passes over the
+// (1 + sigma)^alpha; writes loss, norm and pixel weight. Two passes over the
 // class rows exactly as the CPU kernel: max, then sum_c exp(x_c - max) and
 // sum_c cw[c] (max - x_c) from non-negative terms, with x_t and cw[t] picked
 // by a select on the class index (no gather with the label). The second pass
@@ -368,7 +517,8 @@ __device__ __forceinline__ void ce_pixels(const ForwardArgs& a,
     if (!px.valid[v]) continue;
     const float ls = logf(sum[v]);
     const int64_t q = px.q[v];
-    a.lse[q] = mx[v] + ls;
+    a.norm_max[q] = mx[v];
+    a.norm_log[q] = ls;
     a.loss[q] = uce::pixel_loss(lab[v] < 0, pw[v], cwt[v], ls + dt[v],
                                 S * ls + smooth[v], a.one_minus_eps,
                                 a.eps_over_c);
@@ -376,32 +526,22 @@ __device__ __forceinline__ void ce_pixels(const ForwardArgs& a,
   }
 }
 
-// Finishes a pixel's Monte-Carlo statistics: the fused forward goes on to
-// the CE, mc_uncertainty writes (sigma, pred).
-template <DType IT, int V, bool kVec, bool kCe>
-__device__ __forceinline__ void mc_finish(const ForwardArgs& a,
-                                          const Pixels<V>& px, float S,
-                                          const float (&best_m2)[V],
-                                          const int32_t (&idx)[V]) {
+// The fused forward's end: the CE weighted by sigma, the std of the predicted
+// class's probability (from the M2 the argmax carried).
+template <DType IT, int V, bool kVec>
+__device__ __forceinline__ void ce_with_sigma(const ForwardArgs& a,
+                                              const Pixels<V>& px, float S,
+                                              const ArgMax<V>& best) {
   float sigma[V];
 #pragma unroll
   for (int v = 0; v < V; ++v) {
-    sigma[v] = uce::welford_std(best_m2[v], a.inv_denom);
+    sigma[v] = uce::welford_std(best.m2[v], a.inv_denom);
   }
-  if constexpr (kCe) {
-    ce_pixels<IT, V, kVec>(a, px, S, sigma);
-  } else {
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      if (!px.valid[v]) continue;
-      a.sigma_out[px.q[v]] = sigma[v];
-      a.pred_out[px.q[v]] = idx[v];
-    }
-  }
+  ce_pixels<IT, V, kVec>(a, px, S, sigma);
 }
 
 // ---------------------------------------------------------------------------
-// Monte-Carlo pass, register tiles (C <= CM <= 64).
+// Monte-Carlo pass, register tiles (C <= CM <= 64), then the CE.
 //
 // Reads the stack exactly once. Per sample, the thread loads all C class
 // values of its V pixels into registers (C independent loads in flight), takes
@@ -417,12 +557,11 @@ __device__ __forceinline__ void mc_finish(const ForwardArgs& a,
 // mean = p, M2 = 0 for finite p, as the CPU kernel's explicit initialisation
 // does (a NaN p makes the pixel NaN either way from the second sample on).
 
-template <DType IT, DType ST, int CM, int V, bool kVec, bool kCe>
+template <DType IT, DType ST, int CM, int V, bool kVec>
 __global__ void __launch_bounds__(kRegThreads)
     mc_register_kernel(const ForwardArgs a, int64_t tiles) {
   __shared__ float s_wsum;
-  float S = static_cast<float>(a.C);
-  if (kCe && a.weight != nullptr) S = class_weight_sum(a.weight, a.C, &s_wsum);
+  const float S = class_weight_sum(a.weight, a.C, &s_wsum);
 
   const ElemT<ST>* __restrict__ samples =
       static_cast<const ElemT<ST>*>(a.samples);
@@ -437,99 +576,36 @@ __global__ void __launch_bounds__(kRegThreads)
     Pixels<V> px;
     tile_pixels<V, kVec>(px, tile, total, N, CN);
 
-    float mean[CM][V], m2[CM][V];
-#pragma unroll
-    for (int c = 0; c < CM; ++c) {
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        mean[c][v] = 0.0f;
-        m2[c][v] = 0.0f;
-      }
-    }
+    float mean[CM][V] = {}, m2[CM][V] = {};
 
     for (int s = 0; s < beta; ++s) {
       const ElemT<ST>* __restrict__ xs = samples + s * s_stride;
-      float x[CM][V];
-#pragma unroll
-      for (int c = 0; c < CM; ++c) {
-        if (c < C) {
-          load_row<ST, V, kVec>(xs, px, static_cast<int64_t>(c) * N, x[c]);
-        } else {
-#pragma unroll
-          for (int v = 0; v < V; ++v) x[c][v] = 0.0f;
-        }
-      }
-      float mx[V], inv[V];
-#pragma unroll
-      for (int v = 0; v < V; ++v) mx[v] = x[0][v];
-#pragma unroll
-      for (int c = 1; c < CM; ++c) {
-        if (c < C) {
-#pragma unroll
-          for (int v = 0; v < V; ++v) mx[v] = x[c][v] > mx[v] ? x[c][v] : mx[v];
-        }
-      }
-#pragma unroll
-      for (int v = 0; v < V; ++v) inv[v] = 0.0f;
-#pragma unroll
-      for (int c = 0; c < CM; ++c) {
-        if (c < C) {
-#pragma unroll
-          for (int v = 0; v < V; ++v) {
-            // x - max <= 0; NaN when every class is -inf (or any is NaN or
-            // +inf), which propagates to the pixel as in the reference.
-            x[c][v] = exp_f(x[c][v] - mx[v]);
-            inv[v] += x[c][v];
-          }
-        }
-      }
-#pragma unroll
-      for (int v = 0; v < V; ++v) inv[v] = 1.0f / inv[v];
-      const float inv_m = 1.0f / static_cast<float>(s + 1);
-#pragma unroll
-      for (int c = 0; c < CM; ++c) {
-        if (c < C) {
-#pragma unroll
-          for (int v = 0; v < V; ++v) {
-            uce::welford_update(x[c][v] * inv[v], inv_m, mean[c][v], m2[c][v]);
-          }
-        }
-      }
+      float x[CM][V], sum[V], te[V];
+      load_rows<CM, V>(0, C, [&](int c, float (&row)[V]) {
+        load_row<ST, V, kVec>(xs, px, static_cast<int64_t>(c) * N, row);
+      }, x);
+      fold_sample<CM, V>(C, x, 1.0f / static_cast<float>(s + 1), mean, m2,
+                         sum, te);
     }
 
-    float best[V], best_m2[V];
-    int32_t idx[V];
+    ArgMax<V> best;
 #pragma unroll
-    for (int v = 0; v < V; ++v) {
-      best[v] = mean[0][v];
-      best_m2[v] = m2[0][v];
-      idx[v] = 0;
+    for (int c = 0; c < CM; ++c) {
+      if (c == 0 || c < C) best.step(c, mean[c], m2[c]);  // C >= 1
     }
-#pragma unroll
-    for (int c = 1; c < CM; ++c) {
-      if (c < C) {
-#pragma unroll
-        for (int v = 0; v < V; ++v) {
-          const bool take = argmax_takes(mean[c][v], best[v]);
-          best[v] = take ? mean[c][v] : best[v];
-          best_m2[v] = take ? m2[c][v] : best_m2[v];
-          idx[v] = take ? c : idx[v];
-        }
-      }
-    }
-    mc_finish<IT, V, kVec, kCe>(a, px, S, best_m2, idx);
+    ce_with_sigma<IT, V, kVec>(a, px, S, best);
   }
 }
 
 // ---------------------------------------------------------------------------
-// Monte-Carlo pass, class chunks (C > 64): exact for any C.
+// Monte-Carlo pass, class chunks (C > 64): exact for any C, then the CE.
 //
 // Pass 1, per sample: one read of the C class values with an online max and
-// sum of exp (rescaled when the max grows), giving each sample's softmax
-// normalisers (max, 1/sum) for the thread's pixels. They are kept in dynamic
-// shared memory (2 * beta * P floats; thread-private slots v * threads + tid,
-// conflict-free and needing no barrier), or, when that exceeds the 48 KiB
-// default (beta > 23), in a global scratch slice per block.
+// sum of exp (online_normalisers), giving each sample's softmax normalisers
+// (max, 1/sum) for the thread's pixels. They are kept in dynamic shared
+// memory (2 * beta * P floats in thread-private slots, see stat_slot), or,
+// when that exceeds the 48 KiB default (beta > 23), in a global scratch
+// slice per block.
 // Pass 2, per chunk of K classes: Welford over the samples of
 // p = exp(x - max_s) / sum_s for the K classes (registers), then the running
 // argmax of the mean over the chunk's classes in class order.
@@ -542,16 +618,15 @@ __global__ void __launch_bounds__(kRegThreads)
 // loads in flight per sample (about 140-160 registers per thread in all);
 // 64 threads keep the shared memory per block at 2 KiB per sample.
 
-template <DType IT, DType ST, bool kVec, bool kCe>
+template <DType IT, DType ST, bool kVec>
 __global__ void __launch_bounds__(kChunkThreads)
     mc_chunked_kernel(const ForwardArgs a, int64_t tiles,
                       float* __restrict__ gnorm) {
   constexpr int V = kChunkPixels;
   constexpr int K = kChunkClasses;
-  extern __shared__ float s_norm[];
+  UCE_DYNAMIC_SHARED(float, s_norm);
   __shared__ float s_wsum;
-  float S = static_cast<float>(a.C);
-  if (kCe && a.weight != nullptr) S = class_weight_sum(a.weight, a.C, &s_wsum);
+  const float S = class_weight_sum(a.weight, a.C, &s_wsum);
 
   const ElemT<ST>* __restrict__ samples =
       static_cast<const ElemT<ST>*>(a.samples);
@@ -572,37 +647,17 @@ __global__ void __launch_bounds__(kChunkThreads)
     Pixels<V> px;
     tile_pixels<V, kVec>(px, tile, total, N, CN);
 
-    // Pass 1: normalisers of every sample.
+    // Pass 1: normalisers of every sample, rows (max, 1/sum) of P floats.
     for (int s = 0; s < beta; ++s) {
       const ElemT<ST>* __restrict__ xs = samples + s * s_stride;
       float m[V], l[V];
+      online_normalisers<V>(C, [&](int c, float (&row)[V]) {
+        load_row<ST, V, kVec>(xs, px, static_cast<int64_t>(c) * N, row);
+      }, m, l);
+      const int64_t row = 2 * static_cast<int64_t>(s) * P;
 #pragma unroll
       for (int v = 0; v < V; ++v) {
-        m[v] = -kInf;
-        l[v] = 0.0f;
-      }
-#pragma unroll 4
-      for (int c = 0; c < C; ++c) {
-        float r[V];
-        load_row<ST, V, kVec>(xs, px, static_cast<int64_t>(c) * N, r);
-#pragma unroll
-        for (int v = 0; v < V; ++v) {
-          // One exp per element: a new maximum rescales the sum by
-          // exp(m - r), otherwise exp(r - m) is added. r == m gives exactly
-          // 1 without subtracting, which also covers -inf == -inf (no
-          // -inf - -inf NaN from leading -inf classes).
-          const bool up = r[v] > m[v];
-          const float d = up ? m[v] - r[v] : r[v] - m[v];
-          const float e = r[v] == m[v] ? 1.0f : exp_f(d);
-          l[v] = up ? fmaf(l[v], e, 1.0f) : l[v] + e;
-          m[v] = up ? r[v] : m[v];
-        }
-      }
-      const int64_t row = 2 * static_cast<int64_t>(s) * P;  // (max, 1/sum)
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        const int64_t slot =
-            row + v * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+        const int64_t slot = stat_slot(row, v);
         norm[slot] = m[v];
         // A +inf max makes every probability NaN (exp(inf - inf) in the
         // reference's sum); NaN and all -inf reach NaN through l and pass 2.
@@ -611,43 +666,20 @@ __global__ void __launch_bounds__(kChunkThreads)
     }
 
     // Pass 2: Welford over the samples, K classes at a time.
-    float best[V], best_m2[V];
-    int32_t idx[V];
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      best[v] = 0.0f;
-      best_m2[v] = 0.0f;
-      idx[v] = 0;
-    }
+    ArgMax<V> best;
     for (int c0 = 0; c0 < C; c0 += K) {
-      float mean[K][V], m2[K][V];
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-#pragma unroll
-        for (int v = 0; v < V; ++v) {
-          mean[k][v] = 0.0f;
-          m2[k][v] = 0.0f;
-        }
-      }
+      float mean[K][V] = {}, m2[K][V] = {};
       for (int s = 0; s < beta; ++s) {
         const ElemT<ST>* __restrict__ xs = samples + s * s_stride;
         float x[K][V];
-#pragma unroll
-        for (int k = 0; k < K; ++k) {
-          if (c0 + k < C) {
-            load_row<ST, V, kVec>(xs, px, static_cast<int64_t>(c0 + k) * N,
-                                  x[k]);
-          } else {
-#pragma unroll
-            for (int v = 0; v < V; ++v) x[k][v] = 0.0f;
-          }
-        }
+        load_rows<K, V>(c0, C, [&](int c, float (&row)[V]) {
+          load_row<ST, V, kVec>(xs, px, static_cast<int64_t>(c) * N, row);
+        }, x);
         float ms[V], is[V];
         const int64_t row = 2 * static_cast<int64_t>(s) * P;
 #pragma unroll
         for (int v = 0; v < V; ++v) {
-          const int64_t slot =
-              row + v * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+          const int64_t slot = stat_slot(row, v);
           ms[v] = norm[slot];
           is[v] = norm[slot + P];
         }
@@ -665,19 +697,10 @@ __global__ void __launch_bounds__(kChunkThreads)
       }
 #pragma unroll
       for (int k = 0; k < K; ++k) {
-        const int c = c0 + k;
-        if (c < C) {
-#pragma unroll
-          for (int v = 0; v < V; ++v) {
-            const bool take = c == 0 || argmax_takes(mean[k][v], best[v]);
-            best[v] = take ? mean[k][v] : best[v];
-            best_m2[v] = take ? m2[k][v] : best_m2[v];
-            idx[v] = take ? c : idx[v];
-          }
-        }
+        if (c0 + k < C) best.step(c0 + k, mean[k], m2[k]);
       }
     }
-    mc_finish<IT, V, kVec, kCe>(a, px, S, best_m2, idx);
+    ce_with_sigma<IT, V, kVec>(a, px, S, best);
   }
 }
 
@@ -689,8 +712,7 @@ __global__ void __launch_bounds__(kCeThreads)
     ce_kernel(const ForwardArgs a, int64_t tiles) {
   constexpr int V = kVec16<IT>;
   __shared__ float s_wsum;
-  const float S = a.weight != nullptr ? class_weight_sum(a.weight, a.C, &s_wsum)
-                                      : static_cast<float>(a.C);
+  const float S = class_weight_sum(a.weight, a.C, &s_wsum);
   const int64_t total = a.B * a.N;
   const int64_t CN = a.C * a.N;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -706,7 +728,7 @@ __global__ void __launch_bounds__(kCeThreads)
 }
 
 // ---------------------------------------------------------------------------
-// Backward: grad_input[b, c, n] from the saved lse and pixel weight; every
+// Backward: grad_input[b, c, n] from the saved norm and pixel weight; every
 // element read once and written once (16-byte loads and stores in vector
 // mode). Ignored (and invalid-label) pixels get exactly 0 by a select, even
 // when grad_loss is inf there.
@@ -717,8 +739,7 @@ __global__ void __launch_bounds__(kBwdThreads)
   constexpr int V = kVec16<IT>;
   __shared__ float s_wsum;
   const float* __restrict__ cw = a.weight;
-  const float S = cw != nullptr ? class_weight_sum(cw, a.C, &s_wsum)
-                                : static_cast<float>(a.C);
+  const float S = class_weight_sum(cw, a.C, &s_wsum);
   const ElemT<IT>* __restrict__ x = static_cast<const ElemT<IT>*>(a.input);
   ElemT<IT>* __restrict__ out = static_cast<ElemT<IT>*>(a.grad_input);
   const int C = static_cast<int>(a.C);
@@ -730,14 +751,15 @@ __global__ void __launch_bounds__(kBwdThreads)
     Pixels<V> px;
     tile_pixels<V, kVec>(px, tile, total, N, CN);
     int32_t lab[V];
-    float kh[V], ks[V], lse[V];
+    float kh[V], ks[V], mx[V], ls[V];
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       lab[v] = load_label(a.target, px.q[v], px.valid[v], a.C, a.ignore_index,
                           a.bad_pixel);
       kh[v] = 0.0f;
       ks[v] = 0.0f;
-      lse[v] = 0.0f;
+      mx[v] = 0.0f;
+      ls[v] = 0.0f;
       if (px.valid[v]) {
         const int64_t q = px.q[v];
         const float cw_t =
@@ -747,7 +769,8 @@ __global__ void __launch_bounds__(kBwdThreads)
                            cw_t, a.one_minus_eps, a.eps_over_c);
         kh[v] = k.k_hard;
         ks[v] = k.k_smooth;
-        lse[v] = __ldg(a.lse + q);
+        mx[v] = __ldg(a.norm_max + q);
+        ls[v] = __ldg(a.norm_log + q);
       }
     }
 #pragma unroll 4
@@ -758,7 +781,11 @@ __global__ void __launch_bounds__(kBwdThreads)
       const float w = cw != nullptr ? __ldg(cw + c) : 1.0f;
 #pragma unroll
       for (int v = 0; v < V; ++v) {
-        const float p = exp_f(r[v] - lse[v]);
+        // (x - max) - log-sum rather than x - lse: a float32 lse of large
+        // logits (|x| ~ 1e4) is off by up to ulp(1e4) / 2 ~ 5e-4, which would
+        // become the softmax's relative error; x - max is exact or rounded
+        // relative to the spread of the logits, whatever their offset.
+        const float p = exp_f((r[v] - mx[v]) - ls[v]);
         r[v] = uce::class_grad(lab[v] < 0, kh[v], ks[v], p, lab[v] == c, w, S);
       }
       store_row<IT, V, kVec>(out, px, off, r);
@@ -769,36 +796,44 @@ __global__ void __launch_bounds__(kBwdThreads)
 // ---------------------------------------------------------------------------
 // Launchers.
 
-template <DType IT, DType ST, int CM, int V, bool kCe>
+// The register buckets: classes up to CM kept in registers, V pixels per
+// thread. f(Bucket<CM, V>{}) is called for the smallest bucket holding
+// C <= kRegisterMaxClasses.
+template <int kCM, int kV>
+struct Bucket {
+  static constexpr int CM = kCM;
+  static constexpr int V = kV;
+};
+
+template <typename F>
+cudaError_t with_register_bucket(int64_t C, const F& f) {
+  if (C <= 4) return f(Bucket<4, 8>{});
+  if (C <= 8) return f(Bucket<8, 4>{});
+  if (C <= 16) return f(Bucket<16, 2>{});
+  if (C <= 32) return f(Bucket<32, 1>{});
+  static_assert(kRegisterMaxClasses == 64, "register buckets end at 64");
+  return f(Bucket<64, 1>{});
+}
+
+template <DType IT, DType ST, int CM, int V>
 cudaError_t launch_register_bucket(const ForwardArgs& a, cudaStream_t stream) {
   const int64_t tiles =
       ceil_div(a.B * a.N, static_cast<int64_t>(kRegThreads) * V);
   const dim3 grid(static_cast<unsigned int>(grid_for(tiles)));
   if constexpr (V > 1) {
-    const bool vec = can_vectorise<ST, V>(a.samples, a.N) &&
-                     (!kCe || can_vectorise<IT, V>(a.input, a.N));
-    if (vec) {
-      mc_register_kernel<IT, ST, CM, V, true, kCe>
-          <<<grid, kRegThreads, 0, stream>>>(a, tiles);
+    if (can_vectorise<ST, V>(a.samples, a.N) &&
+        can_vectorise<IT, V>(a.input, a.N)) {
+      UCE_LAUNCH(grid, kRegThreads, 0, stream,
+                 mc_register_kernel<IT, ST, CM, V, true>)(a, tiles);
       return cudaGetLastError();
     }
   }
-  mc_register_kernel<IT, ST, CM, V, false, kCe>
-      <<<grid, kRegThreads, 0, stream>>>(a, tiles);
+  UCE_LAUNCH(grid, kRegThreads, 0, stream,
+             mc_register_kernel<IT, ST, CM, V, false>)(a, tiles);
   return cudaGetLastError();
 }
 
-template <DType IT, DType ST, bool kCe>
-cudaError_t launch_register(const ForwardArgs& a, cudaStream_t stream) {
-  if (a.C <= 4) return launch_register_bucket<IT, ST, 4, 8, kCe>(a, stream);
-  if (a.C <= 8) return launch_register_bucket<IT, ST, 8, 4, kCe>(a, stream);
-  if (a.C <= 16) return launch_register_bucket<IT, ST, 16, 2, kCe>(a, stream);
-  if (a.C <= 32) return launch_register_bucket<IT, ST, 32, 1, kCe>(a, stream);
-  static_assert(kRegisterMaxClasses == 64, "register buckets end at 64");
-  return launch_register_bucket<IT, ST, 64, 1, kCe>(a, stream);
-}
-
-template <DType IT, DType ST, bool kCe>
+template <DType IT, DType ST>
 cudaError_t launch_chunked(const ForwardArgs& a, float* scratch,
                            cudaStream_t stream) {
   const ChunkPlan plan = chunk_plan(a);
@@ -808,16 +843,13 @@ cudaError_t launch_chunked(const ForwardArgs& a, float* scratch,
     gnorm = scratch;
   }
   const dim3 grid(static_cast<unsigned int>(plan.grid));
-  const bool vec = can_vectorise<ST, kChunkPixels>(a.samples, a.N) &&
-                   (!kCe || can_vectorise<IT, kChunkPixels>(a.input, a.N));
-  if (vec) {
-    mc_chunked_kernel<IT, ST, true, kCe>
-        <<<grid, kChunkThreads, plan.smem_bytes, stream>>>(a, plan.tiles,
-                                                            gnorm);
+  if (can_vectorise<ST, kChunkPixels>(a.samples, a.N) &&
+      can_vectorise<IT, kChunkPixels>(a.input, a.N)) {
+    UCE_LAUNCH(grid, kChunkThreads, plan.smem_bytes, stream,
+               mc_chunked_kernel<IT, ST, true>)(a, plan.tiles, gnorm);
   } else {
-    mc_chunked_kernel<IT, ST, false, kCe>
-        <<<grid, kChunkThreads, plan.smem_bytes, stream>>>(a, plan.tiles,
-                                                            gnorm);
+    UCE_LAUNCH(grid, kChunkThreads, plan.smem_bytes, stream,
+               mc_chunked_kernel<IT, ST, false>)(a, plan.tiles, gnorm);
   }
   return cudaGetLastError();
 }
@@ -825,21 +857,13 @@ cudaError_t launch_chunked(const ForwardArgs& a, float* scratch,
 template <DType IT, DType ST>
 cudaError_t launch_fused(const ForwardArgs& a, float* scratch,
                          cudaStream_t stream) {
-  if (a.C <= kRegisterMaxClasses) {
-    return launch_register<IT, ST, true>(a, stream);
+  if (a.C > kRegisterMaxClasses) {
+    return launch_chunked<IT, ST>(a, scratch, stream);
   }
-  return launch_chunked<IT, ST, true>(a, scratch, stream);
-}
-
-// The CE template parameter is unused without the CE part; float32 names the
-// single instantiation.
-template <DType ST>
-cudaError_t launch_mc(const ForwardArgs& a, float* scratch,
-                      cudaStream_t stream) {
-  if (a.C <= kRegisterMaxClasses) {
-    return launch_register<DType::kFloat32, ST, false>(a, stream);
-  }
-  return launch_chunked<DType::kFloat32, ST, false>(a, scratch, stream);
+  return with_register_bucket(a.C, [&](auto b) {
+    using B = decltype(b);
+    return launch_register_bucket<IT, ST, B::CM, B::V>(a, stream);
+  });
 }
 
 template <DType IT>
@@ -849,9 +873,9 @@ cudaError_t launch_ce(const ForwardArgs& a, cudaStream_t stream) {
       ceil_div(a.B * a.N, static_cast<int64_t>(kCeThreads) * V);
   const dim3 grid(static_cast<unsigned int>(grid_for(tiles)));
   if (can_vectorise<IT, V>(a.input, a.N)) {
-    ce_kernel<IT, true><<<grid, kCeThreads, 0, stream>>>(a, tiles);
+    UCE_LAUNCH(grid, kCeThreads, 0, stream, ce_kernel<IT, true>)(a, tiles);
   } else {
-    ce_kernel<IT, false><<<grid, kCeThreads, 0, stream>>>(a, tiles);
+    UCE_LAUNCH(grid, kCeThreads, 0, stream, ce_kernel<IT, false>)(a, tiles);
   }
   return cudaGetLastError();
 }
@@ -864,9 +888,11 @@ cudaError_t launch_backward(const BackwardArgs& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned int>(grid_for(tiles)));
   if (can_vectorise<IT, V>(a.input, a.N) &&
       can_vectorise<IT, V>(a.grad_input, a.N)) {
-    backward_kernel<IT, true><<<grid, kBwdThreads, 0, stream>>>(a, tiles);
+    UCE_LAUNCH(grid, kBwdThreads, 0, stream, backward_kernel<IT, true>)(a,
+                                                                       tiles);
   } else {
-    backward_kernel<IT, false><<<grid, kBwdThreads, 0, stream>>>(a, tiles);
+    UCE_LAUNCH(grid, kBwdThreads, 0, stream, backward_kernel<IT, false>)(a,
+                                                                        tiles);
   }
   return cudaGetLastError();
 }

@@ -1,6 +1,6 @@
 // The extern launchers: a switch over the dtype tags onto the per-dtype
-// launchers (instantiated in fused_*.cu, mc_uncertainty.cu, ce_backward.cu),
-// and the launch plan of the class-chunked path. No kernel is compiled here.
+// launchers (instantiated in fused_*.cu and ce_backward.cu), and the launch
+// plan of the class-chunked paths. No kernel is compiled here.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -11,20 +11,19 @@
 namespace uce_cuda {
 namespace detail {
 
-ChunkPlan chunk_plan(const ForwardArgs& a) {
+ChunkPlan plan_chunks(int64_t pixels, int64_t tile_pixels,
+                      int64_t block_floats) {
   ChunkPlan p;
-  const int64_t pixels = static_cast<int64_t>(kChunkThreads) * kChunkPixels;
-  p.tiles = (a.B * a.N + pixels - 1) / pixels;
-  const int64_t norm_floats = 2 * a.beta * pixels;  // per block
+  p.tiles = (pixels + tile_pixels - 1) / tile_pixels;
   const int64_t max_grid = 0x7fffffff;
-  if (norm_floats * static_cast<int64_t>(sizeof(float)) <= kChunkSmemBytes) {
+  if (block_floats * static_cast<int64_t>(sizeof(float)) <= kChunkSmemBytes) {
     p.grid = p.tiles < max_grid ? p.tiles : max_grid;
-    p.smem_bytes = static_cast<size_t>(norm_floats) * sizeof(float);
+    p.smem_bytes = static_cast<size_t>(block_floats) * sizeof(float);
     return p;
   }
-  // Normalisers in global scratch, one slice per block: a grid of a few
+  // Statistics in global scratch, one slice per block: a grid of a few
   // blocks per SM (grid-stride over the tiles) bounds the scratch to
-  // ~ 8 * SMs * 2 * beta * 256 floats instead of 2 * beta per pixel.
+  // ~ 8 * SMs * block_floats instead of a slice per tile.
   int device = 0;
   int sms = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
@@ -37,8 +36,13 @@ ChunkPlan chunk_plan(const ForwardArgs& a) {
   const int64_t cap = 8 * static_cast<int64_t>(sms);
   p.grid = p.tiles < cap ? p.tiles : cap;
   p.smem_bytes = 0;
-  p.scratch_floats = p.grid * norm_floats;
+  p.scratch_floats = p.grid * block_floats;
   return p;
+}
+
+ChunkPlan chunk_plan(const ForwardArgs& a) {
+  const int64_t pixels = static_cast<int64_t>(kChunkThreads) * kChunkPixels;
+  return plan_chunks(a.B * a.N, pixels, 2 * a.beta * pixels);
 }
 
 }  // namespace detail
@@ -52,66 +56,24 @@ int64_t forward_scratch_floats(const ForwardArgs& a) {
 }
 
 cudaError_t forward(const ForwardArgs& a, float* scratch, cudaStream_t stream) {
-  using detail::launch_ce;
-  using detail::launch_fused;
-  using detail::launch_mc;
-  if (a.input == nullptr) {  // mc_uncertainty
-    switch (a.samples_dtype) {
-      case DType::kFloat32:
-        return launch_mc<DType::kFloat32>(a, scratch, stream);
-      case DType::kFloat16:
-        return launch_mc<DType::kFloat16>(a, scratch, stream);
-      case DType::kBFloat16:
-        return launch_mc<DType::kBFloat16>(a, scratch, stream);
-    }
-    return cudaErrorInvalidValue;
-  }
+  using detail::with_dtype;
   if (a.samples == nullptr) {  // sigma given
-    switch (a.input_dtype) {
-      case DType::kFloat32:
-        return launch_ce<DType::kFloat32>(a, stream);
-      case DType::kFloat16:
-        return launch_ce<DType::kFloat16>(a, stream);
-      case DType::kBFloat16:
-        return launch_ce<DType::kBFloat16>(a, stream);
-    }
-    return cudaErrorInvalidValue;
+    return with_dtype(a.input_dtype, [&](auto it) {
+      return detail::launch_ce<decltype(it)::value>(a, stream);
+    });
   }
-
-#define UCE_FUSED_CASE(IT)                                          \
-  case DType::IT:                                                   \
-    switch (a.samples_dtype) {                                      \
-      case DType::kFloat32:                                         \
-        return launch_fused<DType::IT, DType::kFloat32>(a, scratch, \
-                                                        stream);    \
-      case DType::kFloat16:                                         \
-        return launch_fused<DType::IT, DType::kFloat16>(a, scratch, \
-                                                        stream);    \
-      case DType::kBFloat16:                                        \
-        return launch_fused<DType::IT, DType::kBFloat16>(a, scratch, \
-                                                         stream);   \
-    }                                                               \
-    return cudaErrorInvalidValue;
-
-  switch (a.input_dtype) {
-    UCE_FUSED_CASE(kFloat32)
-    UCE_FUSED_CASE(kFloat16)
-    UCE_FUSED_CASE(kBFloat16)
-  }
-#undef UCE_FUSED_CASE
-  return cudaErrorInvalidValue;
+  return with_dtype(a.input_dtype, [&](auto it) {
+    return with_dtype(a.samples_dtype, [&](auto st) {
+      return detail::launch_fused<decltype(it)::value, decltype(st)::value>(
+          a, scratch, stream);
+    });
+  });
 }
 
 cudaError_t backward(const BackwardArgs& a, cudaStream_t stream) {
-  switch (a.input_dtype) {
-    case DType::kFloat32:
-      return detail::launch_backward<DType::kFloat32>(a, stream);
-    case DType::kFloat16:
-      return detail::launch_backward<DType::kFloat16>(a, stream);
-    case DType::kBFloat16:
-      return detail::launch_backward<DType::kBFloat16>(a, stream);
-  }
-  return cudaErrorInvalidValue;
+  return detail::with_dtype(a.input_dtype, [&](auto it) {
+    return detail::launch_backward<decltype(it)::value>(a, stream);
+  });
 }
 
 }  // namespace uce_cuda

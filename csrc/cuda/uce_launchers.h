@@ -21,25 +21,48 @@ constexpr int kChunkPixels = 4;
 constexpr int kChunkClasses = 8;
 constexpr int64_t kChunkSmemBytes = 48 * 1024 - 256;
 
-// Launch plan of the class-chunked path, shared by the launcher and by
-// forward_scratch_floats so both agree on the scratch size.
+// Launch plan of a class-chunked path, shared by its launcher and by its
+// scratch-size query so both agree on the scratch size.
 struct ChunkPlan {
   int64_t tiles = 0;         // tiles of pixels
   int64_t grid = 0;          // blocks launched (grid-stride over the tiles)
   size_t smem_bytes = 0;     // dynamic shared memory (0: scratch instead)
   int64_t scratch_floats = 0;
 };
+// `pixels` in tiles of `tile_pixels`, each block needing `block_floats` of
+// per-sample statistics: in dynamic shared memory while they fit in
+// kChunkSmemBytes, else in a global scratch slice per block with the grid
+// capped at a few blocks per SM.
+ChunkPlan plan_chunks(int64_t pixels, int64_t tile_pixels,
+                      int64_t block_floats);
+// The fused forward's plan: 2 * beta floats (max, 1/sum) per pixel.
 ChunkPlan chunk_plan(const ForwardArgs& a);
+
+// Calls f(DTypeTag<d>{}) with the dtype tag as a compile-time constant;
+// cudaErrorInvalidValue for a value outside the enum.
+template <DType D>
+struct DTypeTag {
+  static constexpr DType value = D;
+};
+
+template <typename F>
+cudaError_t with_dtype(DType d, const F& f) {
+  switch (d) {
+    case DType::kFloat32:
+      return f(DTypeTag<DType::kFloat32>{});
+    case DType::kFloat16:
+      return f(DTypeTag<DType::kFloat16>{});
+    case DType::kBFloat16:
+      return f(DTypeTag<DType::kBFloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 // Fused forward: Monte-Carlo statistics of the samples, then the weighted CE
 // of the logits, one launch.
 template <DType IT, DType ST>
 cudaError_t launch_fused(const ForwardArgs& a, float* scratch,
                          cudaStream_t stream);
-// mc_uncertainty: the Monte-Carlo statistics alone.
-template <DType ST>
-cudaError_t launch_mc(const ForwardArgs& a, float* scratch,
-                      cudaStream_t stream);
 // uce_forward with sigma given: the weighted CE alone.
 template <DType IT>
 cudaError_t launch_ce(const ForwardArgs& a, cudaStream_t stream);

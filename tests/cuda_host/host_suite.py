@@ -1,0 +1,629 @@
+"""The CUDA kernels of csrc/cuda executed on the CPU: built as host C++ against the emulation in
+include/cuda_host.h with AddressSanitizer and UndefinedBehaviorSanitizer (host_build.py), driven
+through the launchers (uce_cuda::forward, backward, mc_accumulate, mc_reduce) with the argument
+structs of the torch glue (csrc/cuda/op_args.h), and compared with the reference on the same
+values. Every launch is checked to take the path its arguments call for (register bucket or
+class chunks, vector or scalar loads, shared memory or global scratch).
+
+Not collected by the ordinary run (the file name does not match test_*.py): tests/test_cuda_host.py
+runs it in a subprocess with the ASan runtime preloaded. By hand, from the repository root:
+
+    LD_PRELOAD=$(c++ -print-file-name=libasan.so) \\
+    ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:detect_odr_violation=0 \\
+    python -m pytest -q tests/cuda_host/host_suite.py
+
+UCE_CUDA_HOST_BUILD_DIR reuses a build directory (incremental rebuilds); UCE_CUDA_HOST_REPORT
+names a JSON file that receives the build time and the worst error of every output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
+import host_build
+from helpers import DTYPES, assert_close
+
+import uce_fast
+from uce_fast import reference
+
+if "libasan" not in os.environ.get("LD_PRELOAD", ""):
+    pytest.skip("needs the ASan runtime preloaded: run tests/test_cuda_host.py (or see this "
+                "file's docstring)", allow_module_level=True)
+
+BUILD_DIR = os.environ.get("UCE_CUDA_HOST_BUILD_DIR") or tempfile.mkdtemp(prefix="uce_cuda_host_")
+_, BUILD_SECONDS = host_build.build(BUILD_DIR)
+H = torch.ops.uce_cuda_host
+NAN = float("nan")
+INF = float("inf")
+
+# Worst error of each output against the reference: name -> (max |diff|, max |diff| / tolerance).
+WORST: dict[str, tuple[float, float]] = {}
+_TOL = {torch.float32: (2e-5, 2e-6), torch.float16: (4e-3, 1e-5), torch.bfloat16: (2e-2, 1e-4)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report():
+    yield
+    path = os.environ.get("UCE_CUDA_HOST_REPORT")
+    if path:
+        Path(path).write_text(json.dumps({"build_seconds": BUILD_SECONDS, "worst": WORST},
+                                         indent=1, sort_keys=True))
+
+
+@pytest.fixture(autouse=True)
+def _device():
+    """A fresh emulated device per test: 132 SMs, every block run, in order."""
+    H.configure(132, 0, False, False)
+    H.launches()
+    yield
+    H.configure(132, 0, False, False)
+
+
+def _close(name, actual, expected, *, dtype=None, scale=1.0):
+    """assert_close with the suite's tolerance, recording the worst error per output."""
+    dtype = dtype or actual.dtype
+    a, e = actual.double(), expected.double()
+    both = torch.isfinite(a) & torch.isfinite(e)
+    if both.any():
+        rtol, atol = _TOL[dtype]
+        diff = (a - e).abs()[both]
+        ratio = (diff / (atol * scale + rtol * scale * e.abs()[both])).max().item()
+        key = f"{name} ({str(dtype).removeprefix('torch.')})"
+        old = WORST.get(key, (0.0, 0.0))
+        WORST[key] = (max(old[0], diff.max().item()), max(old[1], ratio))
+    assert_close(actual, expected, dtype=dtype, scale=scale, msg=name)
+
+
+# ---------------------------------------------------------------------------------- launch log
+
+_ELEM_BYTES = {"0": 4, "1": 2, "2": 2}  # uce_cuda::DType: float32, float16, bfloat16
+
+
+def _launched():
+    """The launches since the last call: kernel, template arguments, grid, block, shared memory."""
+    out = []
+    for line in H.launches():
+        name, grid, grid_run, block, smem, err = line.rsplit("|", 5)
+        m = re.search(r"detail::(\w+)<(.*)>\(", name)
+        assert m is not None, name
+        args = [re.sub(r"\(uce_cuda::DType\)", "", a.strip()) for a in m.group(2).split(",")]
+        out.append({"kernel": m.group(1), "args": args, "grid": int(grid),
+                    "grid_run": int(grid_run), "block": int(block), "smem": int(smem),
+                    "error": err})
+    return out
+
+
+def _vec_width(k):
+    """Pixels per thread V of a launched kernel and whether its samples are resampled."""
+    kernel, args = k["kernel"], k["args"]
+    if kernel == "mc_register_kernel":           # <IT, ST, CM, V, kVec>
+        return int(args[3]), False
+    if kernel == "mc_chunked_kernel":            # <IT, ST, kVec>
+        return 4, False
+    if kernel in ("ce_kernel", "backward_kernel"):  # <IT, kVec>: 16 bytes of pixels
+        return 16 // _ELEM_BYTES[args[0]], False
+    if kernel == "mc_state_register_kernel":     # <ST, CM, V, kVec, kInterp, kReduce>
+        return int(args[2]), args[4] == "true"
+    if kernel == "mc_state_chunked_kernel":      # <ST, V, kVec, kInterp, kReduce>
+        return int(args[1]), args[3] == "true"
+    raise AssertionError(f"unknown kernel {kernel}")
+
+
+def _check_access_mode(k, N, streamed):
+    """The kernel ran in vector mode exactly when N and every streamed tensor allow it:
+    ``streamed`` is [(tensor or None, element bytes)]; every kernel's first bool template
+    argument is its access mode."""
+    V, interp = _vec_width(k)
+    aligned = all(t is None or t.data_ptr() % min(V * size, 16) == 0 for t, size in streamed)
+    want = V > 1 and not interp and N % V == 0 and aligned
+    got = next(a for a in k["args"] if a in ("true", "false")) == "true"
+    assert got == want, f"{k['kernel']}<{', '.join(k['args'])}>: vector mode {got}, want {want}"
+
+
+def _elem(t):
+    return t.element_size()
+
+
+# -------------------------------------------------------------------------------- fused forward
+
+
+def _with_offset(t, offset):
+    """A contiguous copy of ``t`` whose data starts ``offset`` elements into its storage."""
+    if offset == 0:
+        return t.contiguous()
+    flat = torch.empty(t.numel() + offset, dtype=t.dtype)
+    view = flat[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def _problem(batch, classes, pixels, beta, *, dtype=torch.float32, sample_dtype=None,
+             ignore_index=-100, ignore_frac=0.2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, classes, pixels, generator=gen) * 2.0
+    samples = logits + torch.randn(beta, batch, classes, pixels, generator=gen)
+    target = torch.randint(0, classes, (batch, pixels), generator=gen)
+    target[torch.rand(batch, pixels, generator=gen) < ignore_frac] = ignore_index
+    return logits.to(dtype), target, samples.to(sample_dtype or dtype)
+
+
+def _expected(input, target, samples, sigma, weight, alpha, ignore_index, eps, correction,
+              grad_loss):
+    """(loss, lse, pixel_weight, grad_input) of the reference on the same values."""
+    x = input.detach().clone().requires_grad_(True)
+    if samples is not None:
+        sigma = reference.mc_uncertainty(samples, correction)[0]
+    pixel_weight = reference.uncertainty_weight(sigma, alpha)
+    if alpha == 0:
+        pixel_weight = torch.ones_like(pixel_weight)
+    loss = reference.weighted_cross_entropy(x, target, pixel_weight, weight=weight,
+                                            ignore_index=ignore_index, label_smoothing=eps)
+    (grad,) = torch.autograd.grad(loss, x, grad_loss)
+    lse = torch.logsumexp(x.detach().float(), dim=1)
+    return loss.detach(), lse, pixel_weight.float(), grad
+
+
+def _check_fused(input, target, samples=None, *, sigma=None, weight=None, alpha=3.0,
+                 ignore_index=-100, eps=0.1, correction=1, scale=1.0, grad_loss=None):
+    """uce_forward and uce_backward against the reference, and the kernels' access modes.
+    Returns the outputs (loss, norm, pixel_weight, grad) and the two launches."""
+    _, C, N = input.shape
+    if grad_loss is None:
+        grad_loss = torch.rand(target.shape, generator=torch.Generator().manual_seed(1)) + 0.5
+    loss, norm, pw = H.uce_forward(input, target, samples, sigma, weight, alpha, ignore_index,
+                                   eps, correction)
+    (fwd,) = _launched()
+    grad = H.uce_backward(grad_loss, input, target, norm, pw, weight, ignore_index, eps)
+    (bwd,) = _launched()
+
+    if samples is None:
+        assert fwd["kernel"] == "ce_kernel"
+        _check_access_mode(fwd, N, [(input, _elem(input))])
+    else:
+        assert fwd["kernel"] == ("mc_register_kernel" if C <= 64 else "mc_chunked_kernel")
+        _check_access_mode(fwd, N, [(input, _elem(input)), (samples, _elem(samples))])
+    assert bwd["kernel"] == "backward_kernel"
+    _check_access_mode(bwd, N, [(input, _elem(input)), (grad, _elem(grad))])
+
+    ref = _expected(input, target, samples, sigma, weight, alpha, ignore_index, eps, correction,
+                    grad_loss)
+    valid = target != ignore_index
+    _close("loss", loss, ref[0], dtype=torch.float32, scale=5 * scale)
+    _close("norm (log-sum-exp)", norm.sum(0), ref[1], dtype=torch.float32, scale=scale)
+    assert torch.equal(norm[0], input.float().amax(1)), "norm[0] is the max logit"
+    _close("pixel_weight", pw, ref[2], dtype=torch.float32, scale=5 * scale)
+    _close("grad", grad, ref[3], scale=5 * scale)
+    assert torch.count_nonzero(loss[~valid]) == 0
+    assert torch.count_nonzero(grad.transpose(0, 1)[:, ~valid]) == 0
+    return (loss, norm, pw, grad), (fwd, bwd)
+
+
+# Class counts in every register bucket (1-4, 5-8, 9-16, 17-32, 33-64) and class-chunked (> 64).
+CLASSES = [1, 3, 5, 8, 12, 19, 33, 64, 65, 150]
+LAYOUTS = [  # (pixels, input offset, samples offset)
+    (64, 0, 0),    # vector loads
+    (64, 1, 1),    # both pointers misaligned by one element: scalar loads
+    (64, 2, 2),    # 8-byte (fp32) / 4-byte (fp16) aligned: vector only where that suffices
+    (64, 0, 1),    # logits aligned, samples not
+    (37, 0, 0),    # N not a multiple of any vector width
+    (1, 0, 0),     # no spatial dims: the classes of a pixel adjacent
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("classes", CLASSES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda v: f"N{v[0]}-off{v[1]}{v[2]}")
+def test_fused_paths(dtype, classes, layout):
+    pixels, input_offset, samples_offset = layout
+    batch = 5 if pixels == 1 else 2
+    input, target, samples = _problem(batch, classes, pixels, 3, dtype=dtype, seed=classes)
+    input = _with_offset(input, input_offset)
+    samples = _with_offset(samples, samples_offset)
+    weight = torch.rand(classes) + 0.5
+    _check_fused(input, target, samples, weight=weight)
+    sigma = _with_offset(torch.rand(target.shape), input_offset)
+    _check_fused(input, target, sigma=sigma, eps=0.0)
+
+
+@pytest.mark.parametrize("sample_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("classes", [3, 19, 150])
+def test_dtype_mixes(dtype, sample_dtype, classes):
+    input, target, samples = _problem(2, classes, 48, 4, dtype=dtype, sample_dtype=sample_dtype)
+    _check_fused(input, target, samples, alpha=10.0)
+
+
+@pytest.mark.parametrize("classes", [65, 150, 1000])
+@pytest.mark.parametrize("beta", [2, 23, 24])
+def test_chunked_shared_memory_and_scratch(classes, beta):
+    """2 * beta * 256 floats of per-block normalisers fit in 48 KiB - 256 up to beta = 23
+    (dynamic shared memory, sized exactly); from 24 on they go to a global scratch slice per
+    block."""
+    input, target, samples = _problem(2, classes, 40, beta, seed=beta)
+    _check_fused(input, target, samples, alpha=10.0, correction=0)
+    H.uce_forward(input, target, samples, None, None, 10.0, -100, 0.0, 0)
+    (k,) = _launched()
+    assert k["smem"] == (2 * beta * 256 * 4 if beta <= 23 else 0), k
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["in-order", "reversed"])
+def test_scratch_grid_capped_at_8_per_sm(reverse):
+    """With 1 SM the scratch path runs 8 blocks over 10 tiles (grid-stride), each block with
+    its own scratch slice; capping the blocks run further must not change a bit."""
+    input, target, samples = _problem(3, 70, 777, 24, ignore_frac=0.1)
+    H.configure(132, 0, False, False)
+    want = H.uce_forward(input, target, samples, None, None, 10.0, -100, 0.1, 1)
+    H.launches()
+    for max_blocks in (0, 3, 1):
+        H.configure(1, max_blocks, reverse, False)
+        got, (k, _) = _check_fused(input, target, samples, alpha=10.0)
+        assert (k["grid"], k["grid_run"]) == (8, max_blocks or 8) and k["smem"] == 0, k
+        for a, b in zip(got[:3], want, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_failed_device_query_falls_back_and_clears_the_error():
+    """cudaDeviceGetAttribute failing (or reporting 0 SMs) gives the 128-SM plan; the error is
+    cleared, so the launch check after the kernel does not report it."""
+    input, target, samples = _problem(1, 66, 300, 30)
+    for sms, fail in ((132, True), (0, False)):
+        H.configure(sms, 0, False, fail)
+        _, (k, _) = _check_fused(input, target, samples)
+        assert k["grid"] == 2 and k["smem"] == 0, k  # 2 tiles < 8 * 128
+
+
+@pytest.mark.parametrize("max_blocks", [1, 2])
+@pytest.mark.parametrize("classes", [3, 19, 40, 150])
+@pytest.mark.parametrize("with_samples", [True, False], ids=["samples", "sigma"])
+def test_grid_stride_loops_with_capped_grids(max_blocks, classes, with_samples):
+    """Fewer blocks than tiles, run last to first: every kernel loops over the rest, and the
+    results are bit-identical to a full grid."""
+    input, target, samples = _problem(3, classes, 1001, 2, seed=classes)
+    sigma = None if with_samples else torch.rand(target.shape)
+    samples = samples if with_samples else None
+    full, launches = _check_fused(input, target, samples, sigma=sigma)
+    assert all(k["grid"] > max_blocks for k in launches), launches
+    H.configure(132, max_blocks, True, False)
+    capped, launches = _check_fused(input, target, samples, sigma=sigma)
+    assert all(k["grid_run"] == max_blocks for k in launches), launches
+    for a, b in zip(capped, full, strict=True):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------- options, labels, special values
+
+
+@pytest.mark.parametrize("classes", [5, 150])
+@pytest.mark.parametrize("eps", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("with_samples", [True, False], ids=["samples", "sigma"])
+def test_weights_and_label_smoothing(classes, eps, weighted, with_samples):
+    input, target, samples = _problem(2, classes, 40, 3, dtype=torch.bfloat16, seed=7)
+    weight = torch.rand(classes) + 0.1 if weighted else None
+    if with_samples:
+        _check_fused(input, target, samples, weight=weight, eps=eps)
+    else:
+        _check_fused(input, target, sigma=torch.rand(target.shape), weight=weight, eps=eps)
+
+
+@pytest.mark.parametrize("classes", [4, 19, 150])
+@pytest.mark.parametrize(("ignore_index", "ignore_frac"),
+                         [(-100, 0.5), (255, 1.0), (0, 0.3)],
+                         ids=["half-ignored", "all-ignored", "ignore-index-0"])
+def test_ignore_index(classes, ignore_index, ignore_frac):
+    input, target, samples = _problem(2, classes, 48, 3, ignore_index=ignore_index,
+                                      ignore_frac=ignore_frac)
+    (loss, _, _, grad), _ = _check_fused(input, target, samples, ignore_index=ignore_index)
+    if ignore_frac == 1.0:
+        assert torch.count_nonzero(loss) == 0 and torch.count_nonzero(grad) == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_upstream_gradients(dtype):
+    """Expanded (zero-stride) and non-unit upstream gradients; inf upstream on ignored pixels
+    still gives them exactly 0."""
+    input, target, samples = _problem(2, 19, 64, 3, dtype=dtype, ignore_index=255)
+    weight = torch.rand(19) + 0.5
+    _check_fused(input, target, samples, weight=weight, ignore_index=255,
+                 grad_loss=torch.full((), 0.7).expand(target.shape))
+    _check_fused(input, target, samples, weight=weight, ignore_index=255,
+                 grad_loss=torch.randn(target.shape) * 3)
+    _, norm, pw = H.uce_forward(input, target, samples, None, weight, 10.0, 255, 0.1, 1)
+    grad_loss = torch.rand(target.shape)
+    grad_loss[target == 255] = INF
+    grad = H.uce_backward(grad_loss, input, target, norm, pw, weight, 255, 0.1)
+    ignored = (target == 255).unsqueeze(1).expand_as(grad)
+    assert torch.count_nonzero(grad[ignored]) == 0
+    assert torch.isfinite(grad[~ignored]).all()
+
+
+@pytest.mark.parametrize("classes", [5, 40, 150])
+def test_backward_is_shift_invariant(classes):
+    """The backward forms exp((x - max) - log-sum) from norm: logits around 1e4 get the
+    reference's gradient to float32 rounding (x - lse would carry ulp(1e4) ~ 1e-3 into every
+    probability)."""
+    input, target, samples = _problem(2, classes, 64, 3, seed=classes)
+    _check_fused(input + 1e4, target, samples + 1e4, eps=0.1)
+
+
+@pytest.mark.parametrize("classes", [5, 150])
+@pytest.mark.parametrize("with_samples", [True, False], ids=["samples", "sigma"])
+@pytest.mark.parametrize("max_blocks", [0, 1], ids=["full-grid", "one-block"])
+def test_invalid_labels_report_the_lowest_pixel(classes, with_samples, max_blocks):
+    """Several invalid labels in several tiles, blocks run last to first: the error names the
+    label of the lowest flat pixel index, in forward and backward."""
+    input, target, samples = _problem(2, classes, 1500, 2, ignore_frac=0.0)
+    target[1, 1400] = classes + 5
+    target[1, 3] = classes
+    target[0, 1200] = -7           # the lowest flat index b * N + n
+    target[1, 0] = 2**40
+    H.configure(132, max_blocks, True, False)
+    args = (samples, None) if with_samples else (None, torch.rand(target.shape))
+    pattern = rf"target contains label -7, outside \[0, {classes}\) and not ignore_index"
+    with pytest.raises(ValueError, match=pattern):
+        H.uce_forward(input, target, *args, None, 2.0, -100, 0.0, 1)
+    ok = target.clamp(0, classes - 1)
+    _, norm, pw = H.uce_forward(input, ok, *args, None, 2.0, -100, 0.0, 1)
+    with pytest.raises(ValueError, match=pattern):
+        H.uce_backward(torch.ones(target.shape), input, target, norm, pw, None, -100, 0.0)
+    target[0, 1200] = 0            # next: pixel (1, 0)
+    with pytest.raises(ValueError, match=rf"target contains label {2**40}, outside"):
+        H.uce_forward(input, target, *args, None, 2.0, -100, 0.0, 1)
+
+
+@pytest.mark.parametrize("classes", [4, 19, 150])
+@pytest.mark.parametrize("fill", [-INF, INF, NAN], ids=str)
+def test_non_finite_logits(classes, fill):
+    """Non-finite samples and logits give the reference's NaN/inf pattern and values, and the
+    CPU kernels' norm."""
+    input, target, samples = _problem(1, classes, 8, 3, ignore_frac=0.0)
+    samples[:, 0, :, 2] = fill          # a pixel whose every sample row is non-finite
+    samples[1, 0, 0, 3] = fill          # one class of one sample
+    input[0, 1, 5] = fill               # one logit
+    input[0, :, 6] = fill               # every logit of a pixel
+    if fill == -INF:                    # a -inf target logit: an infinite loss
+        target[0, 5] = 0
+    grad_loss = torch.rand(target.shape) + 0.5
+    for eps in (0.0, 0.1):
+        loss, norm, pw = H.uce_forward(input, target, samples, None, None, 2.0, -100, eps, 1)
+        grad = H.uce_backward(grad_loss, input, target, norm, pw, None, -100, eps)
+        ref = _expected(input, target, samples, None, None, 2.0, -100, eps, 1, grad_loss)
+        _close("loss (non-finite)", loss, ref[0], scale=5)
+        _close("pixel_weight (non-finite)", pw, ref[2], scale=5)
+        _close("grad (non-finite)", grad, ref[3], scale=5)
+        if "cpu" in uce_fast.available_backends():
+            cpu = torch.ops.uce_fast.uce_forward(input, target, samples, None, None, 2.0, -100,
+                                                 eps, 1)
+            _close("norm (non-finite, vs CPU kernels)", norm, cpu[1], scale=5)
+
+
+# ------------------------------------------------------------------------ mc_accumulate / reduce
+
+
+GEOMETRIES = [  # (in_h, in_w), (out_h, out_w), align_corners
+    ((4, 8), (4, 8), False),     # read as is, N a multiple of 4 (vector loads)
+    ((3, 7), (3, 7), False),     # read as is, odd N
+    ((3, 5), (7, 11), False),    # odd upsampling ratios
+    ((3, 5), (7, 11), True),
+    ((8, 8), (5, 3), False),     # downsampling
+    ((8, 8), (5, 3), True),
+    ((4, 6), (4, 9), True),      # one dim kept
+]
+
+
+def _geo_id(g):
+    (ih, iw), (oh, ow), ac = g
+    return f"{ih}x{iw}-{oh}x{ow}" + ("-ac" if ac else "")
+
+
+def _stack(S, B, C, plane, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(B, C, plane, generator=gen) * 3.0
+    return (base + torch.randn(S, B, C, plane, generator=gen)).to(dtype)
+
+
+def _taps(in_size, out_size, align_corners):
+    """Source indices and weights along one dim, as uce::bilinear_scale / bilinear_source (the
+    index and weight formula of F.interpolate), every float32 operation rounded on its own."""
+    o = torch.arange(out_size, dtype=torch.float32)
+    if in_size == out_size:
+        i = torch.arange(out_size)
+        return i, i, torch.ones(out_size), torch.zeros(out_size)
+    f32 = lambda v: torch.tensor(float(v), dtype=torch.float32)  # noqa: E731
+    if align_corners:
+        scale = f32(in_size - 1) / f32(out_size - 1) if out_size > 1 else f32(0)
+        src = scale * o
+    else:
+        src = (f32(in_size) / f32(out_size) * (o + 0.5) - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp_max(in_size - 1)
+    l1 = (src - i0.float()).clamp(0, 1)
+    return i0, i0 + (i0 < in_size - 1).long(), 1 - l1, l1
+
+
+def _upsample(stack, in_size, out_size, align_corners):
+    """(S, B, C, in_h * in_w) samples resampled to (S, B, C, out_h * out_w) with the kernels'
+    formula, ((x00 l0x + x01 l1x) l0y + (x10 l0x + x11 l1x) l1y) in float32 products and sums,
+    rounded to the samples' dtype. The reference then sees the values the kernels see; that the
+    formula is F.interpolate's is test_bilinear_formula_is_f_interpolate's."""
+    if tuple(in_size) == tuple(out_size):
+        return stack
+    (ih, iw), (oh, ow) = in_size, out_size
+    y0, y1, ly0, ly1 = _taps(ih, oh, align_corners)
+    x0, x1, lx0, lx1 = _taps(iw, ow, align_corners)
+    g = stack.float().view(*stack.shape[:3], ih, iw)
+    at = lambda y, x: g[..., y, :][..., x]  # noqa: E731
+    top = at(y0, x0) * lx0 + at(y0, x1) * lx1
+    bot = at(y1, x0) * lx0 + at(y1, x1) * lx1
+    val = top * ly0[:, None] + bot * ly1[:, None]
+    return val.to(stack.dtype).reshape(*stack.shape[:3], oh * ow)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES[2:], ids=_geo_id)
+def test_bilinear_formula_is_f_interpolate(geometry):
+    (ih, iw), (oh, ow), ac = geometry
+    stack = _stack(2, 2, 3, ih * iw, torch.float32)
+    want = reference.upsample(stack.view(2, 2, 3, ih, iw), (oh, ow), ac).reshape(2, 2, 3, -1)
+    _close("bilinear formula vs F.interpolate", _upsample(stack, (ih, iw), (oh, ow), ac), want)
+
+
+def _check_mc_launch(k, reduce, C, N, streamed):
+    assert k["kernel"] == ("mc_state_register_kernel" if C <= 64 else "mc_state_chunked_kernel")
+    assert k["args"][-1] == ("true" if reduce else "false"), k
+    _check_access_mode(k, N, streamed)
+
+
+def _stable(mean):
+    """Pixels whose best two mean probabilities are further apart than float32 rounding of the
+    statistics can move them."""
+    top2 = mean.topk(min(2, mean.shape[1]), dim=1).values
+    gap = top2[:, 0] - top2[:, -1] if top2.shape[1] > 1 else torch.ones_like(top2[:, 0])
+    return gap > 1e-5
+
+
+def _check_reduce(got, samples, state, count, geometry, want_probs=True, want_entropy=True):
+    """mc_reduce's outputs against reference.mc_reduce of the same values (the samples resampled
+    as the kernels do): pred where the best two mean probabilities are not within rounding of
+    each other, sigma (the std of pred's probability) there too; the optional outputs empty
+    unless asked for."""
+    (ih, iw), (oh, ow), ac = geometry
+    if samples is not None:
+        samples = _upsample(samples, (ih, iw), (oh, ow), ac)
+    ref = reference.mc_reduce(samples, *state, count, (oh, ow), (oh, ow), ac, 1, True, True)
+    stable = _stable(ref[4])
+    assert stable.float().mean() > 0.5, "test data has too many near-ties"
+    assert torch.equal(got[1][stable], ref[1][stable]), "pred"
+    _close("sigma", got[0][stable], ref[0][stable], scale=5)
+    wanted = (want_entropy, want_entropy, want_probs)
+    for name, a, b, want in zip(("entropy", "mutual_info", "mean_probs"), got[2:], ref[2:],
+                                wanted, strict=True):
+        if want:
+            _close(name, a, b, scale=5)
+        else:
+            assert a.shape == (0,), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("classes", [3, 8, 19, 40, 65, 150])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=_geo_id)
+def test_mc_accumulate_then_reduce(dtype, classes, geometry):
+    """Samples folded in three calls (count > 0 from the second), then mc_reduce of the state
+    alone, of the state plus more samples, and of samples alone; every output flavour."""
+    (ih, iw), (oh, ow), ac = geometry
+    N, plane = oh * ow, ih * iw
+    stack = _stack(7, 2, classes, plane, dtype, seed=classes)
+    mean = torch.full((2, classes, N), NAN)  # count == 0: never read
+    m2 = torch.full((2, classes, N), NAN)
+    ent = torch.full((2, N), NAN)
+    rmean, rm2, rent = torch.empty_like(mean), torch.empty_like(m2), torch.empty_like(ent)
+    count = 0
+    for part in (stack[:2], stack[2:5], stack[5:6]):
+        H.mc_accumulate_(mean, m2, ent, part, count, ih, iw, oh, ow, ac)
+        (k,) = _launched()
+        _check_mc_launch(k, False, classes, N, [(part, _elem(part)), (mean, 4), (m2, 4)])
+        reference.mc_accumulate_(rmean, rm2, rent, _upsample(part, (ih, iw), (oh, ow), ac),
+                                 count, (oh, ow), (oh, ow), ac)
+        count += part.shape[0]
+    _close("state mean", mean, rmean, scale=5)
+    _close("state m2", m2, rm2, scale=5)
+    _close("state entropy", ent, rent, scale=5)
+
+    calls = [  # (samples, state, count, want_probs, want_entropy)
+        (None, True, count, True, True),
+        (stack[6:], True, count, False, True),
+        (stack[6:], True, count, True, False),
+        (stack, False, 0, True, True),
+        (stack[:2], False, 0, False, False),
+    ]
+    for samples, with_state, cnt, want_probs, want_entropy in calls:
+        state = (mean, m2, ent) if with_state else (None, None, None)
+        rstate = (rmean, rm2, rent) if with_state else (None, None, None)
+        got = H.mc_reduce(samples, *state, cnt, ih, iw, oh, ow, ac, 1, want_probs, want_entropy)
+        (k,) = _launched()
+        probs = got[4] if want_probs else None
+        _check_mc_launch(k, True, classes, N,
+                         [(samples, _elem(samples) if samples is not None else 4),
+                          (state[0], 4), (state[1], 4), (probs, 4)])
+        _check_reduce(got, samples, rstate, cnt, geometry, want_probs, want_entropy)
+
+
+_PLAIN, _RESAMPLED = ((4, 8), (4, 8), False), ((3, 5), (7, 11), True)
+
+
+@pytest.mark.parametrize(("geometry", "S", "sms"), [
+    (_PLAIN, 15, 132), (_PLAIN, 16, 132), (_PLAIN, 16, 1),                # 3 * S * 256 floats
+    (_RESAMPLED, 31, 132), (_RESAMPLED, 32, 132), (_RESAMPLED, 32, 1),    # 3 * S * 128 floats
+], ids=lambda v: str(v) if isinstance(v, int) else _geo_id(v))
+def test_mc_chunked_shared_memory_and_scratch(geometry, S, sms):
+    """The per-sample statistics of the class-chunked mc kernels: dynamic shared memory up to
+    48 KiB - 256, a global scratch slice per block beyond (8 blocks per SM at most)."""
+    (ih, iw), (oh, ow), ac = geometry
+    N = oh * ow
+    pixels = 128 if (ih, iw) != (oh, ow) else 256  # per tile
+    B = -(-9 * pixels // N) if sms == 1 else 2  # 1 SM: 9 tiles for the 8 blocks of the grid
+    stack = _stack(S, B, 66, ih * iw, torch.float16, seed=S)
+    H.configure(sms, 0, False, False)
+    got = H.mc_reduce(stack, None, None, None, 0, ih, iw, oh, ow, ac, 1, True, True)
+    (k,) = _launched()
+    fits = 3 * S * pixels * 4 <= 48 * 1024 - 256
+    tiles = -(-B * N // pixels)
+    assert k["smem"] == (3 * S * pixels * 4 if fits else 0), k
+    assert k["grid"] == (tiles if fits else min(tiles, 8 * sms)), k
+    _check_reduce(got, stack, (None, None, None), 0, geometry)
+
+
+@pytest.mark.parametrize("classes", [3, 19, 150])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_mc_state_offsets_and_capped_grid(classes, offset):
+    """A state whose tensors start one element into their storage (scalar loads), and grids
+    capped to one block run last to first (bit-identical results)."""
+    B, N = 3, 700
+    stack = _stack(4, B, classes, N, torch.float32, seed=3)
+    mean, m2, ent = (_with_offset(torch.zeros(shape), offset)
+                     for shape in ((B, classes, N), (B, classes, N), (B, N)))
+    H.mc_accumulate_(mean, m2, ent, stack[:2], 0, 1, N, 1, N, False)
+    H.mc_accumulate_(mean, m2, ent, stack[2:], 2, 1, N, 1, N, False)
+    for k in _launched():
+        _check_mc_launch(k, False, classes, N, [(stack, 4), (mean, 4), (m2, 4)])
+    full = H.mc_reduce(stack[:1], mean, m2, ent, 4, 1, N, 1, N, False, 1, True, True)
+    assert all(k["grid"] > 1 for k in _launched())
+    H.configure(1, 1, True, False)
+    state = [t.clone() for t in (mean, m2, ent)]
+    H.mc_accumulate_(*state, stack[:1], 4, 1, N, 1, N, False)
+    capped = H.mc_reduce(stack[:1], mean, m2, ent, 4, 1, N, 1, N, False, 1, True, True)
+    assert all(k["grid_run"] == 1 for k in _launched())
+    for a, b in zip(capped, full, strict=True):
+        assert torch.equal(a, b)
+    _check_reduce(full, torch.cat([stack, stack[:1]]), (None, None, None), 0,
+                  ((1, N), (1, N), False))
+    # The capped accumulate equals the full-grid state update.
+    ref_state = [t.clone() for t in (mean, m2, ent)]
+    H.configure(132, 0, False, False)
+    H.mc_accumulate_(*ref_state, stack[:1], 4, 1, N, 1, N, False)
+    for a, b in zip(state, ref_state, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("classes", [4, 150])
+@pytest.mark.parametrize("fill", [-INF, INF, NAN], ids=str)
+def test_mc_non_finite_samples(classes, fill):
+    """Non-finite samples: the reference's NaN/inf pattern (a -inf class has probability 0)."""
+    stack = _stack(3, 1, classes, 8, torch.float32)
+    stack[:, 0, :, 2] = fill
+    stack[1, 0, 0, 3] = fill
+    stack[:, 0, :2, 5] = fill
+    got = H.mc_reduce(stack, None, None, None, 0, 1, 8, 1, 8, False, 1, True, True)
+    ref = reference.mc_reduce(stack, None, None, None, 0, (1, 8), (1, 8), False, 1, True, True)
+    for name, a, b in zip(("sigma", "entropy", "mutual_info", "mean_probs"), got[:1] + got[2:],
+                          ref[:1] + ref[2:], strict=True):
+        _close(f"{name} (non-finite)", a, b, scale=5)
+    finite = torch.isfinite(ref[4]).all(1)
+    assert torch.equal(got[1][finite], ref[1][finite])
