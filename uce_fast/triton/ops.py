@@ -48,9 +48,13 @@ _NUM_WARPS = 4
 
 # Register budget per (BLOCK_C, BLOCK_N) tile, at 4 warps (128 threads). The Monte-Carlo loop keeps
 # ~5 such tiles live (sample/exp/p, mean, M2, their difference, offsets): 2048 elements is 16
-# values per thread each, ~100 registers, no spills. The CE-only forward and the backward keep ~3
-# (logits, p or grad, offsets): 4096 elements, 32 values per thread each. Either way a program
-# reads 8-16 KB per step over the classes, enough bytes in flight at a few programs per SM.
+# values per thread each. The CE-only forward and the backward keep ~3 (logits, p or grad,
+# offsets): 4096 elements, 32 values per thread each. Either way a program reads 8-16 KB per step
+# over the classes, enough bytes in flight at a few programs per SM. Measured over every variant
+# of scripts/triton_compile_check.py --full (ptxas of Triton 3.6 and 3.9, sm_80 and sm_90): the
+# Monte-Carlo forward takes 22-168 registers (median ~100), the streaming statistics without
+# upsampling 40-234 (median ~125), the CE-only forward 20-206 and the backward 21-208 (medians
+# ~95 and ~120); where ptxas spills at all it is 4-12 bytes, outside the loops.
 _MC_TILE = 2048
 _CE_TILE = 4096
 # Largest class count kept whole in registers (one read of the stack). Above it, class chunks:
@@ -62,11 +66,23 @@ _CHUNK_C = 32
 # Samples per launch of the large-C accumulate kernel: each sample's max, sum of exponentials and
 # entropy term are (S_PAD, BLOCK_N) register tiles, so S_PAD is bounded.
 _MC_GROUP = 32
-# Tiles of the streaming-statistics kernels that upsample on the fly, and of the large-C
-# accumulate (whatever the samples): four tap offsets and four loaded values per element, or three
-# (S_PAD, BLOCK_N) per-sample tiles, are live besides the state. ptxas (sm_90, 4 warps) spills at
-# 2048 elements per tile there and does not at 1024 (~150-180 registers).
+# Tile of the large-C accumulate (whatever the samples): three (S_PAD, BLOCK_N) per-sample tiles
+# (max, sum of exponentials, entropy term) are live besides the state chunk, and when upsampling
+# four tap offsets and weights per pixel and four gathered values per element. ptxas spills at
+# 2048 elements per tile there. At 1024 (32 classes x 32 pixels) with upsampling it takes 128-254
+# registers: a median of 232 with Triton 3.6's ptxas, which does not spill on sm_90; 168 with
+# 3.9's, which spills 4-36 bytes in about a third of the variants. Without upsampling, 56-159
+# registers and 8-12 byte spills in a few variants, some inside the loops (allowed on this
+# class-chunked path; the compile check reports them).
 _MC_STREAM_TILE = 1024
+# Tile of the streaming-statistics kernels with all classes in registers when they upsample on the
+# fly: per element four gathered values and their bilinear combination, per pixel four tap
+# offsets and four weights, besides the state. At 1024 elements these took 64-255 registers
+# (median 150-185) and ptxas spilled in 31 of 1084 variants (up to 16 bytes, at the 128-register
+# mark on sm_90); at 512, 40-195 (median 80-96), with 23 spills of 4-8 bytes outside the loops,
+# none on Triton 3.6 / sm_90. The gathered rows are not contiguous, so shorter rows cost no
+# coalescing, and half the registers allow twice the programs per SM.
+_MC_INTERP_TILE = 512
 _INT32_MAX = 2**31 - 1
 
 
@@ -78,7 +94,9 @@ def _tile_config(C: int, beta: int, tile: int,
     if chunk_c is None and C <= _SMALL_C_MAX:
         block_c = triton.next_power_of_2(C)
         # Long rows for small C: at C = 2, 1024 pixels per program keep enough bytes in flight.
-        return False, block_c, max(16, min(1024, tile // block_c)), beta_pad
+        # BETA_PAD is unused without class chunks: a constant, so that β does not multiply the
+        # compiled variants (each power of two would be a JIT compile of the same code).
+        return False, block_c, max(16, min(1024, tile // block_c)), 1
     block_c = chunk_c or _CHUNK_C
     # The (BETA_PAD, BLOCK_N) per-sample lse tile shares the budget with the class chunk.
     block_n = max(16, min(128, tile // max(block_c, beta_pad)))
@@ -364,7 +382,7 @@ def _mc_small_config(C: int, interp: bool) -> tuple[int, int]:
     if interp:
         # The gathered rows are not contiguous anyway: at C near 128, 8 pixels per program
         # rather than spills.
-        return block_c, max(8, min(1024, _MC_STREAM_TILE // block_c))
+        return block_c, max(8, min(1024, _MC_INTERP_TILE // block_c))
     return block_c, max(16, min(1024, _MC_TILE // block_c))
 
 
