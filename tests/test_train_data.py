@@ -222,3 +222,21 @@ def test_resumable_sampler_skips_to_position():
     other = ResumableDistributedSampler(data, num_replicas=2, rank=0, seed=5)
     other.set_epoch(3)
     assert {i for i, _ in other} | {i for i, _ in keys} == set(range(23))
+
+
+def test_shapes_keep_their_old_name_and_preset():
+    from train.config import parse_args
+
+    a = build_dataset("synthetic", "val", EVAL, seed=2, synthetic_length=3, synthetic_size=32)
+    b = build_dataset("shapes", "val", EVAL, seed=2, synthetic_length=3, synthetic_size=32)
+    assert all(torch.equal(a[i][1], b[i][1]) for i in range(3))
+    # without a scene seed the scenes follow the seed, as before; with one they do not
+    c = build_dataset("shapes", "val", EVAL, seed=5, scene_seed=2, synthetic_length=3,
+                      synthetic_size=32)
+    assert torch.equal(c[1][0], a[1][0])
+    args = parse_args(["--preset", "cpu-shapes"])
+    assert (args.dataset, args.iterations, args.synthetic_train_size) == ("shapes", 400, 2048)
+    assert parse_args(["--dataset", "synthetic"]).dataset == "shapes"
+    default = parse_args([])
+    assert (default.preset, default.dataset, default.scene_seed, default.label_noise) == (
+        "cpu-small", "street", 0, 0.0)

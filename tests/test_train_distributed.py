@@ -26,7 +26,7 @@ MAIN = ROOT / "train" / "main.py"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from train.data import SyntheticScenes, Transform  # noqa: E402
+from train.data import StreetScenes, Transform  # noqa: E402
 
 TINY = [
     "--preset", "cpu-small", "--width", "8", "--decoder-channels", "16", "--skip-channels", "8",
@@ -106,10 +106,12 @@ def test_ddp_train_check_eval_stop_and_resume_reproduce_the_uninterrupted_run(tm
     assert [r["iteration"] for r in evals] == [5, 10]
     final = json.loads((ref_dir / "final.json").read_text())
     # every validation image evaluated exactly once over the two ranks (no padded duplicates)
-    val = SyntheticScenes(5, Transform(train=False), seed=3, split="val", size=64)
+    val = StreetScenes(5, Transform(train=False), seed=3, split="val", size=64, scene_seed=0)
     assert final["pixels"] == sum(int((val[i][1] != 255).sum()) for i in range(5))
-    for key in ("mIoU", "ECE", "mUnc", "AUROC_sigma"):
-        assert final[key] is not None and 0.0 <= final[key] <= 1.0, key
+    for key in ("mIoU", "ECE", "mUnc", "AUROC_sigma", "AUROC_conf", "AUROC_MI", "Brier",
+                "AURC_sigma", "AURC_conf"):
+        assert final[key] is not None and 0.0 <= final[key] <= 2.0, key
+    assert final["NLL"] > 0 and len(final["IoU"]) == len(final["classes"]) == 19
     try:
         import PIL  # noqa: F401  (panels need pillow; without it the run says so and goes on)
     except ImportError:
@@ -132,7 +134,8 @@ def test_ddp_train_check_eval_stop_and_resume_reproduce_the_uninterrupted_run(tm
     ref_state, cut_state = _final_state(ref_dir), _final_state(cut_dir)
     assert all(torch.equal(ref_state[k], cut_state[k]) for k in ref_state)
     resumed_final = json.loads((cut_dir / "final.json").read_text())
-    for key in ("mIoU", "ECE", "mUnc", "AUROC_sigma", "AUROC_conf", "pixels"):
+    for key in ("mIoU", "ECE", "mUnc", "AUROC_sigma", "AUROC_conf", "AUROC_MI", "NLL", "Brier",
+                "AURC_sigma", "AURC_conf", "pixels"):
         assert resumed_final[key] == final[key], key
 
 
@@ -173,6 +176,26 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_resumes_exactly(tmp_path):
     reference, resumed = _loss_curve(ref_dir), _loss_curve(run_dir)
     assert sorted(reference) == list(range(1, k + 4))
     assert resumed == reference
+
+
+def test_alpha_warmup_ramps_and_resumes_exactly(tmp_path):
+    # one process: the exponent of step i is alpha * i / 4 for the first 4 steps (step 0 is
+    # plain CE without sample passes), and a run stopped inside the warm-up continues the ramp
+    args = [*TINY, "--iterations", "6", "--alpha-warmup", "4", "--check-every", "2",
+            "--ckpt-every", "0", "--eval-every", "0", "--eval-mc-samples", "0", "--alpha", "8"]
+    ref_dir, cut_dir = tmp_path / "reference", tmp_path / "interrupted"
+    out = _check(_run(1, [*args, "--out-dir", str(ref_dir)]))
+    assert "alpha warm-up: linear from 0 to 8 over the first 4 iterations" in out
+    records = [r for r in _records(ref_dir) if r["type"] == "train"]
+    assert [r["alpha"] for r in records] == [0.0, 2.0, 4.0, 6.0, 8.0, 8.0]
+    assert all(r["parity"]["ok"] for r in records if "parity" in r)
+    final = json.loads((ref_dir / "final.json").read_text())
+    assert final["alpha_warmup_iterations"] == 4 and final["mUnc"] is None
+    _check(_run(1, [*args, "--out-dir", str(cut_dir), "--stop-after", "2"]))
+    _check(_run(1, [*args, "--out-dir", str(cut_dir), "--resume", "auto"]))
+    assert _loss_curve(cut_dir) == _loss_curve(ref_dir)
+    resumed = [r for r in _records(cut_dir) if r["type"] == "train"]
+    assert [r["alpha"] for r in resumed] == [0.0, 2.0, 4.0, 6.0, 8.0, 8.0]
 
 
 @pytest.mark.skipif("cpu" not in uce_fast.available_backends(),

@@ -1,4 +1,5 @@
-"""Training-harness metrics: mIoU, ECE, mUnc and AUROC against direct computations."""
+"""Training-harness metrics: mIoU, ECE, mUnc, NLL, Brier, AUROC and AURC against direct
+computations, and exactness under sharding."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ if str(ROOT) not in sys.path:
 
 from train.metrics import (  # noqa: E402
     SegmentationMetrics,
+    aurc_from_histograms,
     auroc_from_histograms,
     calibration_bins,
+    score_bins,
 )
 
 
@@ -137,3 +140,152 @@ def test_without_sigma_munc_is_not_reported():
     out = m.compute()
     assert out["mUnc"] is None and out["AUROC_sigma"] is None
     assert 0.0 <= out["ECE"] <= 1.0
+
+
+# ------------------------------------------------------------------------------------------
+# NLL, Brier, AURC, mutual information; exactness under sharding
+
+
+def _probs_case(seed: int = 0, c: int = 5, shape=(2, 7, 9)):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, c, shape, generator=g)
+    target[torch.rand(shape, generator=g) < 0.2] = 255
+    probs = torch.softmax(3 * torch.randn((shape[0], c, *shape[1:]), generator=g), dim=1)
+    probs[0, :, 0, 0] = 0.0  # an underflowed probability: clamped in the NLL
+    probs[0, 1, 0, 0] = 1.0
+    conf, pred = probs.max(dim=1)
+    sigma = torch.rand(shape, generator=g) * 0.3
+    mi = torch.rand(shape, generator=g) * 0.5
+    return pred, target, conf, sigma, probs, mi
+
+
+def _direct_aurc(score, wrong):
+    """Sorted list, most certain first: (1/N) sum_k E_k / k (no ties in the data)."""
+    order = torch.argsort(score.double())
+    errors = torch.cumsum(wrong[order].double(), 0)
+    k = torch.arange(1, len(score) + 1, dtype=torch.float64)
+    return float((errors / k).mean())
+
+
+def test_nll_and_brier_against_direct_computation():
+    pred, target, conf, sigma, probs, mi = _probs_case()
+    m = SegmentationMetrics(5)
+    m.update(pred, target, conf, sigma, probs=probs, mutual_info=mi)
+    out = m.compute()
+    valid = target != 255
+    p = probs.permute(0, 2, 3, 1)[valid].double()  # (N, C)
+    t = target[valid]
+    onehot = torch.nn.functional.one_hot(t, 5).double()
+    nll = -torch.log(p.gather(1, t[:, None]).squeeze(1).clamp(min=1e-12))
+    assert out["NLL"] == pytest.approx(float(nll.mean()), rel=1e-12)
+    assert out["Brier"] == pytest.approx(float(((p - onehot) ** 2).sum(1).mean()), rel=1e-6)
+    assert 0.0 <= out["Brier"] <= 2.0
+    assert math.isfinite(out["NLL"]) and out["NLL"] <= -math.log(1e-12) + 1e-9
+
+
+def test_brier_and_nll_known_values():
+    # torch-uncertainty's example: probs [[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]], targets [0, 2]
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]]).T.reshape(1, 3, 1, 2)
+    target = torch.tensor([[[0, 2]]])
+    conf, pred = probs.max(dim=1)
+    m = SegmentationMetrics(3)
+    m.update(pred, target, conf, probs=probs)
+    out = m.compute()
+    assert out["Brier"] == pytest.approx(0.52, abs=1e-6)
+    assert out["NLL"] == pytest.approx(-(math.log(0.6) + math.log(0.3)) / 2, rel=1e-6)
+
+
+def test_aurc_equals_the_sorted_list_computation_without_ties():
+    g = torch.Generator().manual_seed(4)
+    n = 400
+    # scores spread over decades, at least one histogram bin (0.23%) apart: no ties
+    score = 1e-5 * torch.pow(torch.tensor(1.0 + 0.01), torch.randperm(n, generator=g).double())
+    wrong = torch.rand(n, generator=g) < 0.2 + 0.5 * (score / score.max())
+    pred = torch.where(wrong, 1, 0).view(1, 20, 20)
+    target = torch.zeros(1, 20, 20, dtype=torch.long)
+    m = SegmentationMetrics(2)
+    m.update(pred, target, 1.0 - score.view(1, 20, 20).float(), score.view(1, 20, 20).float(),
+             mutual_info=score.view(1, 20, 20).float())
+    out = m.compute()
+    for key in ("AURC_sigma", "AURC_MI"):
+        assert out[key] == pytest.approx(_direct_aurc(score, wrong), rel=1e-9), key
+    # a perfect ranking gives the oracle value; a reversed one the worst
+    assert out["AURC_oracle"] == pytest.approx(
+        _direct_aurc(wrong.double() + 1e-3 * torch.rand(n, generator=g, dtype=torch.float64),
+                     wrong), rel=1e-9)
+    assert out["AURC_oracle"] <= out["AURC_sigma"]
+
+
+def test_aurc_with_ties_is_the_expected_value_over_tie_orders():
+    wrong_hist = torch.tensor([1.0, 0.0, 2.0])
+    correct_hist = torch.tensor([2.0, 1.0, 1.0])
+    # enumerate all orders inside each bin: bin 0 = {w, c, c}, bin 1 = {c}, bin 2 = {w, w, c}
+    import itertools
+    blocks = [[1, 0, 0], [0], [1, 1, 0]]
+    values = []
+    for orders in itertools.product(*(set(itertools.permutations(b)) for b in blocks)):
+        seq = [x for block in orders for x in block]
+        e = torch.cumsum(torch.tensor(seq, dtype=torch.float64), 0)
+        values.append(float((e / torch.arange(1, len(seq) + 1)).mean()))
+    assert aurc_from_histograms(wrong_hist, correct_hist) == pytest.approx(
+        sum(values) / len(values), rel=1e-12)
+    assert math.isnan(aurc_from_histograms(torch.zeros(3), torch.zeros(3)))
+
+
+def test_auroc_of_mutual_information():
+    pred, target, conf, sigma, probs, _ = _probs_case(1, shape=(3, 16, 16))
+    wrong = pred != target
+    g = torch.Generator().manual_seed(9)
+    mi = torch.rand(target.shape, generator=g) * 0.2 + 0.3 * wrong  # informative, overlapping
+    m = SegmentationMetrics(5)
+    m.update(pred, target, conf, sigma, probs=probs, mutual_info=mi)
+    out = m.compute()
+    valid = target != 255
+    s, w = mi[valid], wrong[valid]
+    assert out["AUROC_MI"] == pytest.approx(_direct_auroc(s[w], s[~w]), abs=2e-4)
+    assert 0.5 < out["AUROC_MI"] <= 1.0
+
+
+def test_score_bins_are_monotone_and_resolve_small_scores():
+    s = torch.tensor([0.0, 5e-8, 1e-6, 1.003e-6, 1e-3, 0.5, 1.0, 2.0, 50.0])
+    b = score_bins(s, 8192)
+    assert b.tolist() == sorted(b.tolist())
+    assert b[0] == b[1] == 0 and b[2] < b[3] and b[-1] == 8191
+
+
+def test_sharded_metrics_sum_to_the_whole():
+    pred, target, conf, sigma, probs, mi = _probs_case(2, shape=(4, 10, 12))
+    whole = SegmentationMetrics(5)
+    whole.update(pred, target, conf, sigma, probs=probs, mutual_info=mi)
+    halves = [SegmentationMetrics(5), SegmentationMetrics(5)]
+    for k, m in enumerate(halves):
+        sl = slice(2 * k, 2 * k + 2)
+        m.update(pred[sl], target[sl], conf[sl], sigma[sl], probs=probs[sl], mutual_info=mi[sl])
+    summed = SegmentationMetrics(5)
+    for a, b, c in zip(summed._tensors(), halves[0]._tensors(), halves[1]._tensors(),
+                       strict=True):
+        a += b + c  # what all_reduce(SUM) does over two ranks
+    for a, b in zip(summed._tensors(), whole._tensors(), strict=True):
+        if a.dtype == torch.int64:
+            assert torch.equal(a, b)
+    x, y = summed.compute(), whole.compute()
+    for key in ("mIoU", "ECE", "mUnc", "AUROC_sigma", "AUROC_conf", "AUROC_MI", "AURC_sigma",
+                "AURC_conf", "AURC_MI", "AURC_oracle", "pixels"):
+        assert x[key] == y[key], key  # counts and histograms: exact
+    for key in ("NLL", "Brier"):
+        assert x[key] == pytest.approx(y[key], rel=1e-12), key  # float64 sums, other order
+    assert x["IoU"] == y["IoU"]
+
+
+def test_deterministic_evaluation_reports_no_mc_metrics():
+    pred, target, conf, _, probs, _ = _probs_case(3)
+    m = SegmentationMetrics(5)
+    m.update(pred, target, conf, probs=probs)
+    out = m.compute()
+    for key in ("mUnc", "AUROC_sigma", "AURC_sigma", "AUROC_MI", "AURC_MI"):
+        assert out[key] is None, key
+    for key in ("NLL", "Brier", "AUROC_conf", "AURC_conf"):
+        assert out[key] is not None and math.isfinite(out[key]), key
+    without = SegmentationMetrics(5)
+    without.update(pred, target, conf)
+    assert without.compute()["NLL"] is None and without.compute()["Brier"] is None

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 from train.engine import SampleLevers
 
-__all__ = ["PRESETS", "build_parser", "parse_args", "sample_levers"]
+__all__ = ["PRESETS", "alpha_at", "build_parser", "parse_args", "sample_levers",
+           "warmup_iterations"]
 
 _PAPER = dict(
     encoder="resnet18", width=64, decoder_channels=256, skip_channels=48,
@@ -20,20 +21,30 @@ _PAPER = dict(
 #: settings: DeepLabV3+ with a ResNet-18/101 encoder, batch 16 (across all GPUs), crop 768,
 #: SGD 0.01 (decoder and head ×10), momentum 0.9, wd 1e-4, poly 0.9, 200 epochs, fp16 mixed
 #: precision, β = 10 MC-dropout samples, α = 10.
+_CPU = dict(
+    encoder="resnet18", width=16, decoder_channels=64, skip_channels=16, atrous_rates="2,4,6",
+    batch_size=8, crop=96, epochs=0, amp="off", num_workers=0, check_every=25, log_every=10,
+    ckpt_every=100, eval_every=0, eval_mc_samples=10, eval_batch_size=8, panels=4,
+    # From scratch (no ImageNet weights on a CPU box) the running statistics lag behind the
+    # fast-changing weights for many steps; sample passes normalised with them give
+    # meaningless sigma and U-CE weights of up to ~60 that wreck the run. Batch statistics
+    # (running statistics still untouched) keep the samples consistent with the training
+    # pass. The paper presets (ImageNet encoders) keep the default "running".
+    sample_bn="batch",
+)
+
 PRESETS: dict[str, dict[str, object]] = {
-    "cpu-small": dict(
-        dataset="synthetic", encoder="resnet18", width=16, decoder_channels=64, skip_channels=16,
-        atrous_rates="2,4,6", batch_size=8, crop=96, epochs=0, iterations=400, amp="off",
-        num_workers=0, check_every=25, log_every=10, ckpt_every=100, eval_every=0,
-        eval_mc_samples=10, eval_batch_size=8, panels=4, synthetic_train_size=2048,
-        synthetic_val_size=64, synthetic_size=128,
-        # From scratch (no ImageNet weights on a CPU box) the running statistics lag behind the
-        # fast-changing weights for many steps; sample passes normalised with them give
-        # meaningless sigma and U-CE weights of up to ~60 that wreck the run. Batch statistics
-        # (running statistics still untouched) keep the samples consistent with the training
-        # pass. The paper presets (ImageNet encoders) keep the default "running".
-        sample_bn="batch",
-    ),
+    # Street-scene-like synthetic images (Cityscapes' 19 classes and long-tailed pixel shares,
+    # 128 × 256): the default, a few minutes on a 2-core CPU. 8192 training scenes, more than
+    # the 4000 the run draws, so no training scene is seen twice. 256 validation scenes: trucks,
+    # buses and trams appear in ~4% of the scenes each, so fewer validation images would miss
+    # some classes altogether (with 64, bus and train never occur); the 256 of scene seed 0
+    # hold at least 5 images of every class.
+    "cpu-small": dict(_CPU, dataset="street", iterations=500,
+                      synthetic_train_size=8192, synthetic_val_size=256, synthetic_size=128),
+    # The earlier shapes scenes (7 classes, random labels in ambiguous patches), 128 × 128.
+    "cpu-shapes": dict(_CPU, dataset="shapes", iterations=400, synthetic_train_size=2048,
+                       synthetic_val_size=64, synthetic_size=128),
     "cityscapes-r18": dict(_PAPER, dataset="cityscapes", data_root="data/cityscapes",
                            eval_every=3720),
     "cityscapes-r101": dict(_PAPER, dataset="cityscapes", data_root="data/cityscapes",
@@ -55,6 +66,35 @@ def _rates(text: str) -> tuple[int, ...]:
     return rates
 
 
+def _warmup(text: str) -> str:
+    """``N`` (iterations) or ``P%`` (of the run's iterations); returned as given."""
+    value = text[:-1] if text.endswith("%") else text
+    try:
+        number = float(value) if text.endswith("%") else int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of iterations or a percentage, got {text!r}") from None
+    if number < 0 or (text.endswith("%") and number > 100):
+        raise argparse.ArgumentTypeError(f"expected 0..iterations or 0%..100%, got {text!r}")
+    return text
+
+
+def warmup_iterations(spec: str, total: int) -> int:
+    """The warm-up length in iterations for ``--alpha-warmup spec`` in a run of ``total``."""
+    if spec.endswith("%"):
+        return round(float(spec[:-1]) / 100.0 * total)
+    return int(spec)
+
+
+def alpha_at(alpha: float, iteration: int, warmup: int) -> float:
+    """U-CE's exponent for the step after ``iteration`` completed ones: a linear ramp from 0 to
+    ``alpha`` over ``warmup`` iterations (``alpha`` throughout when ``warmup`` is 0). It depends
+    on the iteration only, which checkpoints store, so a resumed run continues the ramp."""
+    if warmup <= 0 or iteration >= warmup:
+        return alpha
+    return alpha * iteration / warmup
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """Appends "(default: X)" to options that take a value, with X the chosen preset's value;
     not to flags (their default is off) or to options without a default."""
@@ -74,16 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train DeepLabV3+ with CE or U-CE (uce_fast), checking the fused loss against "
                     "the pure-PyTorch reference while training. Run with torchrun for DDP.",
         formatter_class=_HelpFormatter,
-        epilog="presets: cpu-small (default; synthetic scenes, tiny DeepLabV3+ R18, CPU, "
-               "minutes), cityscapes-r18, cityscapes-r101, acdc-r18, acdc-r101 (the paper: "
+        epilog="presets: cpu-small (default; street-scene-like synthetic images, tiny "
+               "DeepLabV3+ R18, CPU, minutes), cpu-shapes (the earlier shapes scenes), "
+               "cityscapes-r18, cityscapes-r101, acdc-r18, acdc-r101 (the paper: "
                "batch 16 over all GPUs, crop 768, 200 epochs, fp16 AMP; give --data-root and "
                "--pretrained). Defaults shown are those of the chosen --preset.",
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small",
                    help="option defaults for a setting (explicit options override them)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=["synthetic", "cityscapes", "acdc"], default="synthetic",
-                   help="synthetic: procedural scenes generated on the fly (no files)")
+    g.add_argument("--dataset", choices=["street", "shapes", "synthetic", "cityscapes", "acdc"],
+                   default="street",
+                   help="street: street-scene-like images with Cityscapes' 19 classes and "
+                        "long-tailed pixel shares, generated on the fly (no files); shapes: "
+                        "textured shapes with randomly labelled ambiguous patches (7 classes; "
+                        "'synthetic' is its former name)")
     g.add_argument("--data-root", default=None, help="dataset root directory")
     g.add_argument("--acdc-conditions", default="fog,night,rain,snow",
                    help="ACDC conditions to train and evaluate on, comma-separated")
@@ -91,7 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic training images per epoch")
     g.add_argument("--synthetic-val-size", type=int, default=64,
                    help="synthetic validation images")
-    g.add_argument("--synthetic-size", type=int, default=128, help="synthetic image side")
+    g.add_argument("--synthetic-size", type=int, default=128,
+                   help="synthetic image height (street: width 2×; shapes: square)")
+    g.add_argument("--scene-seed", type=int, default=0,
+                   help="seed of the synthetic scenes' content; fixed, so that runs with "
+                        "different --seed see the same training and validation images")
+    g.add_argument("--label-noise", type=float, default=0.0, metavar="P",
+                   help="street: relabel each object of a training image with probability P as "
+                        "another class (validation labels stay clean); 0 = off")
     g.add_argument("--crop", type=int, default=768, help="training crop side (multiple of 16)")
     g.add_argument("--scale", type=float, nargs=2, default=(0.5, 2.0), metavar=("MIN", "MAX"),
                    help="random scale range")
@@ -122,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss", choices=["ce", "uce"], default="uce", help="training loss")
     g.add_argument("--alpha", type=float, default=10.0, help="U-CE exponent")
     g.add_argument("--beta", type=int, default=10, help="MC-dropout samples per step")
+    g.add_argument("--alpha-warmup", type=_warmup, default="0", metavar="N|P%",
+                   help="warm-up of U-CE (the paper's proposed future work): ramp the "
+                        "exponent linearly from 0 to --alpha over the first N iterations (or "
+                        "P%% of them); step i uses alpha * min(1, i/N). A ramp rather than N "
+                        "steps of CE followed by full U-CE: the weights (1+sigma)^alpha grow "
+                        "from 1 (plain CE) as sigma becomes meaningful, without a jump in the "
+                        "loss scale at the switch. The sample passes are skipped only where the "
+                        "exponent is 0 (the first step). 0 = off, as in the paper")
     g.add_argument("--backend", default="auto", help="uce_fast backend")
     g.add_argument("--sample-bn", choices=["running", "batch", "update"], default="running",
                    help="BatchNorm during the β sample passes: running = eval mode, running "
@@ -242,6 +302,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         sample_levers(args).check(args.sample_bn)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.dataset == "synthetic":
+        args.dataset = "shapes"
+    if not 0.0 <= args.label_noise <= 1.0:
+        parser.error(f"--label-noise must be in [0, 1], got {args.label_noise}")
+    if args.label_noise and args.dataset != "street":
+        parser.error("--label-noise applies to --dataset street only")
+    if args.alpha_warmup not in ("0", "0%") and args.loss != "uce":
+        parser.error("--alpha-warmup applies to --loss uce only")
     if args.out_dir is None:
         args.out_dir = f"runs/{args.preset}-{args.loss}"
     return args

@@ -1,4 +1,5 @@
-"""Datasets (Cityscapes, ACDC, synthetic scenes), the paper's augmentation and a resumable sampler.
+"""Datasets (Cityscapes, ACDC, synthetic street scenes and shapes), the paper's augmentation and a
+resumable sampler.
 
 Every dataset yields ``(image, label)``: a (3, H, W) float32 image in [0, 1] (or normalised with
 ImageNet statistics) and an (H, W) int64 label map with the train ids 0..C-1 and 255 = ignore.
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
+from train.street import CITYSCAPES_PIXEL_SHARES, STREET_CLASSES, render_street_scene
+
 __all__ = [
     "ACDC_CONDITIONS",
     "ACDC_LAYOUT",
@@ -32,10 +35,13 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "LABEL_ID_TO_TRAIN_ID",
+    "STREET_CLASSES",
     "SYNTHETIC_CLASSES",
+    "SYNTHETIC_DATASETS",
     "DatasetError",
     "FileSegmentationDataset",
     "ResumableDistributedSampler",
+    "StreetScenes",
     "SyntheticScenes",
     "Transform",
     "acdc_items",
@@ -60,6 +66,7 @@ _EVAL_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28,
 #: Lookup table label id (0..255) -> train id (0..18) or 255.
 LABEL_ID_TO_TRAIN_ID = np.full(256, IGNORE_INDEX, dtype=np.uint8)
 LABEL_ID_TO_TRAIN_ID[list(_EVAL_LABEL_IDS)] = np.arange(len(_EVAL_LABEL_IDS), dtype=np.uint8)
+assert STREET_CLASSES == CITYSCAPES_CLASSES  # the street scenes use Cityscapes' train ids
 
 ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
 
@@ -330,6 +337,31 @@ class FileSegmentationDataset(_KeyedDataset):
         return image, label
 
 
+class _SyntheticDataset(_KeyedDataset):
+    """Procedural scenes generated on the fly: ``length`` images per split, each deterministic
+    per ``(scene_seed, split, index)``; ``seed`` drives the training augmentation only.
+
+    ``scene_seed`` defaults to ``seed``. The harness fixes it (``--scene-seed``, default 0) so
+    that runs with different ``--seed`` train and evaluate on the same scenes, as on a real
+    dataset, and differ only in initialisation, data order, augmentation and dropout.
+    """
+
+    def __init__(self, length: int, transform: Transform, seed: int = 0, split: str = "train",
+                 size: int = 128, scene_seed: int | None = None) -> None:
+        super().__init__(transform, seed)
+        self.length = length
+        self.size = size
+        self.split = split
+        self.split_code = {"train": 1, "val": 2, "test": 3}[split]
+        self.scene_seed = seed if scene_seed is None else scene_seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def scene_rng(self, index: int, stream: int) -> np.random.Generator:
+        return np.random.default_rng([self.scene_seed, self.split_code, index, stream])
+
+
 SYNTHETIC_CLASSES = ("sky", "ground", "red-stripes", "red-checker", "green", "blue", "yellow")
 # Base colours; classes 2 and 3 share a colour and differ only by texture, class 5 shares its hue
 # with the smooth sky but is striped.
@@ -339,34 +371,55 @@ _SYN_COLOURS = np.array([
 ], dtype=np.float32)
 
 
-class SyntheticScenes(_KeyedDataset):
-    """Procedural scenes whose classes are decidable from colour and texture, plus ambiguity.
+class SyntheticScenes(_SyntheticDataset):
+    """Procedural scenes whose classes are decidable from colour and texture, plus ambiguity
+    (the ``shapes`` dataset).
 
-    Each image (deterministic per ``(seed, split, index)``) has a sky/ground background with a
-    wavy horizon, 3-6 textured objects (rectangles, ellipses, triangles) of the object classes
-    with soft edges of random width, whose boundary pixels take the object's label with a
-    probability equal to its opacity (so the labels of blended boundaries are genuinely random);
-    0-2 *ambiguous patches* whose appearance is an even blend of two object classes and whose
-    label is one of the two at random; and sometimes a dark void blob labelled 255. Classes
+    Each image (deterministic per ``(scene_seed, split, index)``) has a sky/ground background
+    with a wavy horizon, 3-6 textured objects (rectangles, ellipses, triangles) of the object
+    classes with soft edges of random width, whose boundary pixels take the object's label with
+    a probability equal to its opacity (so the labels of blended boundaries are genuinely
+    random); 0-2 *ambiguous patches* whose appearance is an even blend of two object classes and
+    whose label is one of the two at random; and sometimes a dark void blob labelled 255. Classes
     ``red-stripes`` and ``red-checker`` share their colour and differ only in texture. Global
-    brightness jitter and pixel noise on top.
+    brightness jitter and pixel noise on top. The random labels make part of the targets pure
+    label noise; see :class:`StreetScenes` for scenes without it.
     """
 
     num_classes = len(SYNTHETIC_CLASSES)
-
-    def __init__(self, length: int, transform: Transform, seed: int = 0, split: str = "train",
-                 size: int = 128) -> None:
-        super().__init__(transform, seed)
-        self.length = length
-        self.size = size
-        self.split_code = {"train": 1, "val": 2, "test": 3}[split]
-
-    def __len__(self) -> int:
-        return self.length
+    classes = SYNTHETIC_CLASSES
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, self.split_code, index, 0x5CE])
-        return render_scene(rng, self.size)
+        return render_scene(self.scene_rng(index, 0x5CE), self.size)
+
+
+class StreetScenes(_SyntheticDataset):
+    """Street-scene-like procedural images with Cityscapes' 19 classes and long-tailed pixel
+    shares (the ``street`` dataset; see :mod:`train.street` for the scene model).
+
+    Images are ``size`` × ``2·size`` (Cityscapes' 1:2 aspect). ``label_noise`` (default 0)
+    relabels each object of a *training* image with that probability as another class, drawn
+    from a generator of its own (images are unchanged); validation labels stay clean so that
+    the metrics measure the scenes themselves.
+    """
+
+    num_classes = len(STREET_CLASSES)
+    classes = STREET_CLASSES
+    #: Cityscapes' percent of all pixels per class (the profile the generator follows).
+    pixel_shares = CITYSCAPES_PIXEL_SHARES
+
+    def __init__(self, length: int, transform: Transform, seed: int = 0, split: str = "train",
+                 size: int = 128, scene_seed: int | None = None, label_noise: float = 0.0
+                 ) -> None:
+        super().__init__(length, transform, seed, split, size, scene_seed)
+        if not 0.0 <= label_noise <= 1.0:
+            raise ValueError(f"label_noise must be in [0, 1], got {label_noise}")
+        self.label_noise = label_noise if split == "train" else 0.0
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        noise = self.scene_rng(index, 0x401) if self.label_noise > 0 else None
+        return render_street_scene(self.scene_rng(index, 0x57E), self.size, self.label_noise,
+                                   noise)
 
 
 def _texture(cls: int, yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -468,25 +521,37 @@ def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
     return image, label
 
 
+#: Datasets generated on the fly (no files); "synthetic" is the former name of "shapes".
+SYNTHETIC_DATASETS = ("street", "shapes", "synthetic")
+
+
 def build_dataset(name: str, split: str, transform: Transform, *, root: str | None = None,
-                  seed: int = 0, conditions: Sequence[str] = ACDC_CONDITIONS,
-                  synthetic_length: int = 1024, synthetic_size: int = 128) -> _KeyedDataset:
-    """``name`` in {"synthetic", "cityscapes", "acdc"}; ``split`` in {"train", "val"}."""
-    if name == "synthetic":
+                  seed: int = 0, scene_seed: int | None = None,
+                  conditions: Sequence[str] = ACDC_CONDITIONS, synthetic_length: int = 1024,
+                  synthetic_size: int = 128, label_noise: float = 0.0) -> _KeyedDataset:
+    """``name`` in {"street", "shapes" (alias "synthetic"), "cityscapes", "acdc"}; ``split`` in
+    {"train", "val"}. ``scene_seed`` and ``label_noise`` apply to the synthetic datasets
+    (``label_noise`` to ``street`` only)."""
+    if name == "street":
+        return StreetScenes(synthetic_length, transform, seed=seed, split=split,
+                            size=synthetic_size, scene_seed=scene_seed, label_noise=label_noise)
+    if label_noise:
+        raise ValueError(f"label_noise is an option of the street scenes, not of {name!r}")
+    if name in ("shapes", "synthetic"):
         return SyntheticScenes(synthetic_length, transform, seed=seed, split=split,
-                               size=synthetic_size)
+                               size=synthetic_size, scene_seed=scene_seed)
     if root is None:
         raise ValueError(f"dataset {name!r} needs --data-root")
     if name == "cityscapes":
         return FileSegmentationDataset(cityscapes_items(root, split), transform, seed)
     if name == "acdc":
         return FileSegmentationDataset(acdc_items(root, split, conditions), transform, seed)
-    raise ValueError(f"unknown dataset {name!r}; expected synthetic, cityscapes or acdc")
+    raise ValueError(f"unknown dataset {name!r}; expected street, shapes, cityscapes or acdc")
 
 
 def dataset_classes(name: str) -> tuple[str, ...]:
     """Class names of dataset ``name`` (their order is the train-id order)."""
-    return SYNTHETIC_CLASSES if name == "synthetic" else CITYSCAPES_CLASSES
+    return SYNTHETIC_CLASSES if name in ("shapes", "synthetic") else CITYSCAPES_CLASSES
 
 
 # --------------------------------------------------------------------------------------------

@@ -269,11 +269,23 @@ def parity_check(loss: Tensor, logits: Tensor, logits_grad: Tensor, target: Tens
 
 
 def compute_loss(kind: str, criterion: nn.Module | None, logits: Tensor, target: Tensor,
-                 samples: uce_fast.MCAccumulator | Tensor | None, ignore_index: int) -> Tensor:
-    """CE (``F.cross_entropy`` in float32, as ``nn.CrossEntropyLoss``) or U-CE (``criterion``)."""
+                 samples: uce_fast.MCAccumulator | Tensor | None, ignore_index: int,
+                 alpha: float | None = None) -> Tensor:
+    """CE (``F.cross_entropy`` in float32, as ``nn.CrossEntropyLoss``) or U-CE (``criterion``).
+
+    ``alpha`` overrides U-CE's exponent for this step (the ``--alpha-warmup`` ramp). With an
+    exponent of 0 every weight is 1 and the loss is CE: no samples are needed (``samples`` may
+    then be None).
+    """
     if kind == "ce":
         return F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
-    assert criterion is not None and samples is not None
+    assert criterion is not None
+    if alpha is not None:
+        criterion.alpha = alpha
+    if samples is None:
+        if criterion.alpha != 0:
+            raise ValueError("U-CE with a non-zero exponent needs the MC samples")
+        return F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
     return criterion(logits, target, samples)
 
 
@@ -284,9 +296,11 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, num_classes:
              seed: int = 0, on_batch: Callable[..., None] | None = None) -> dict[str, object]:
     """Metrics over this rank's share of ``loader``, summed over all ranks.
 
-    With ``mc_samples >= 2`` the prediction is the argmax of the mean softmax of that many
-    MC-dropout passes (BatchNorm in eval mode) and sigma is U-CE's predictive uncertainty
-    (``uce_fast.mc_stats`` of an accumulator); otherwise one deterministic pass in eval mode.
+    With ``mc_samples >= 2`` the predictive distribution is the mean softmax of that many
+    MC-dropout passes (BatchNorm in eval mode), the prediction its argmax, sigma U-CE's
+    predictive uncertainty and the mutual information BALD's (``uce_fast.mc_stats`` of an
+    accumulator); otherwise it is the softmax of one deterministic pass in eval mode (no sigma,
+    no mutual information).
     Dropout masks come from a forked RNG seeded with ``seed``, so evaluation neither depends on
     nor disturbs the training RNG. ``on_batch(images, labels, pred, uncertainty)`` is called for
     each batch (for panels).
@@ -304,8 +318,9 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, num_classes:
                                          levers=SampleLevers(shared_prefix=True))
                 stats = uce_fast.mc_stats(acc)
                 del acc
-                pred, sigma = stats.pred, stats.sigma
-                conf = stats.mean_probs.gather(1, pred.unsqueeze(1)).squeeze(1)
+                pred, sigma, probs = stats.pred, stats.sigma, stats.mean_probs
+                mutual_info = stats.mutual_info
+                conf = probs.gather(1, pred.unsqueeze(1)).squeeze(1)
                 uncertainty = sigma
             else:
                 model.eval()
@@ -314,10 +329,12 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, num_classes:
                         logits = model(images)
                 finally:
                     model.train(was_training)
-                conf, pred = torch.softmax(logits.float(), dim=1).max(dim=1)
-                sigma = None
+                probs = torch.softmax(logits.float(), dim=1)
+                conf, pred = probs.max(dim=1)
+                sigma = mutual_info = None
                 uncertainty = 1.0 - conf
-            metrics.update(pred, labels, conf, sigma)
+            metrics.update(pred, labels, conf, sigma, probs=probs, mutual_info=mutual_info)
+            del probs
             if on_batch is not None:
                 on_batch(images, labels, pred, uncertainty)
     metrics.all_reduce()

@@ -31,9 +31,10 @@ from train.checkpoint import (
     resolve_resume,
     set_rng_state,
 )
-from train.config import parse_args, sample_levers
+from train.config import alpha_at, parse_args, sample_levers, warmup_iterations
 from train.data import (
     IGNORE_INDEX,
+    SYNTHETIC_DATASETS,
     DatasetError,
     ResumableDistributedSampler,
     Transform,
@@ -141,14 +142,15 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, object]:
                          normalize=args.normalize)
     eval_tf = Transform(train=False, normalize=args.normalize)
     common = dict(root=args.data_root, seed=args.seed, conditions=args.acdc_conditions,
-                  synthetic_size=args.synthetic_size)
+                  synthetic_size=args.synthetic_size, scene_seed=args.scene_seed)
     train_set = build_dataset(args.dataset, "train", train_tf,
-                              synthetic_length=args.synthetic_train_size, **common)
+                              synthetic_length=args.synthetic_train_size,
+                              label_noise=args.label_noise, **common)
     val_set = build_dataset(args.dataset, "val", eval_tf,
                             synthetic_length=args.synthetic_val_size, **common)
     classes = dataset_classes(args.dataset)
     num_classes = len(classes)
-    palette = SYNTHETIC_PALETTE if args.dataset == "synthetic" else CITYSCAPES_PALETTE
+    palette = SYNTHETIC_PALETTE if args.dataset == "shapes" else CITYSCAPES_PALETTE
     if args.val_limit > 0:
         val_set = Subset(val_set, range(min(args.val_limit, len(val_set))))
     # exact sharding: every validation image on exactly one rank, no padding duplicates
@@ -197,6 +199,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, object]:
     logits_dtype = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     levers = sample_levers(args)
     backend = resolve_backend(args.backend, device, (logits_dtype,)) if criterion else "-"
+    warmup = warmup_iterations(args.alpha_warmup, total) if criterion is not None else 0
 
     # -------------------------------------------------------------------------------- resume
     iteration, epoch, step_in_epoch = 0, 0, 0
@@ -227,7 +230,8 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, object]:
                       backend=backend, torch=torch.__version__, uce_fast=uce_fast.__version__,
                       parameters=sum(p.numel() for p in model.parameters()),
                       train_images=len(train_set), val_images=len(val_set),
-                      iterations=total, iterations_per_epoch=iters_per_epoch)
+                      iterations=total, iterations_per_epoch=iters_per_epoch,
+                      alpha_warmup_iterations=warmup, classes=list(classes))
     logger.print(
         f"{args.loss.upper()} | {args.dataset} ({len(train_set)} train / {len(val_set)} val, "
         f"{num_classes} classes) | DeepLabV3+ {args.encoder} width {args.width} | {world} "
@@ -244,7 +248,13 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, object]:
             ("low resolution", args.low_res_samples)) if on]
         logger.print(f"MC sample passes: BatchNorm {args.sample_bn}"
                      + (f"; {', '.join(used)}" if used else ""))
-    if args.pretrained is None and args.dataset != "synthetic":
+        if warmup > 0:
+            logger.print(f"alpha warm-up: linear from 0 to {args.alpha:g} over the first "
+                         f"{warmup} iterations")
+    if args.label_noise > 0:
+        logger.print(f"label noise: each object of a training image relabelled with "
+                     f"probability {args.label_noise:g}")
+    if args.pretrained is None and args.dataset not in SYNTHETIC_DATASETS:
         logger.print("warning: no --pretrained weights; the paper starts from ImageNet weights")
     if args.check_every > 0 and criterion is None:
         logger.print("note: the parity check applies to --loss uce only")
@@ -299,8 +309,14 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, object]:
             v = result.get(key)
             return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) \
                 else f"{v:.{digits}f}"
-        return (f"mIoU {f('mIoU')}  ECE {f('ECE')}  mUnc {f('mUnc')}  "
-                f"AUROC(sigma) {f('AUROC_sigma')}  AUROC(1-conf) {f('AUROC_conf')}")
+        return (f"mIoU {f('mIoU')}  ECE {f('ECE')}  NLL {f('NLL')}  Brier {f('Brier')}  "
+                f"mUnc {f('mUnc')}  AUROC(sigma) {f('AUROC_sigma')}  "
+                f"AUROC(1-conf) {f('AUROC_conf')}  AUROC(MI) {f('AUROC_MI')}  "
+                f"AURC(sigma) {f('AURC_sigma')}  AURC(1-conf) {f('AURC_conf')}")
+
+    def fmt_classes(result: dict[str, object]) -> str:
+        return ", ".join(f"{name} {'n/a' if v is None else f'{v:.3f}'}"
+                         for name, v in zip(classes, result["IoU"], strict=True))
 
     # Only the sample passes with --sample-bn running read the running statistics before
     # training has updated them (evaluation comes later).
@@ -337,7 +353,11 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, object]:
                 logits = parts.logits
                 timer.lap("forward")
                 samples = stack = None
-                if criterion is not None:
+                alpha = alpha_at(args.alpha, iteration, warmup) if criterion is not None \
+                    else 0.0
+                if alpha == 0.0:  # all weights 1: plain CE, no sample passes to draw (the
+                    check = False  # timing's "samples" is a mean over all steps, these at 0)
+                if criterion is not None and alpha != 0.0:
                     samples, stack = draw_mc_samples(
                         model, images, args.beta, bn=args.sample_bn, autocast=autocast,
                         size=tuple(logits.shape[-2:]) if args.low_res_samples else None,
@@ -346,7 +366,8 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, object]:
                 del parts
                 if check:
                     logits.retain_grad()
-                loss = compute_loss(args.loss, criterion, logits, labels, samples, IGNORE_INDEX)
+                loss = compute_loss(args.loss, criterion, logits, labels, samples, IGNORE_INDEX,
+                                    alpha=alpha if criterion is not None else None)
                 timer.lap("loss")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -360,7 +381,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, object]:
                                              "GradScaler skips this step)"}
                     else:
                         result = parity_check(
-                            loss, logits, grad, labels, stack, alpha=args.alpha,
+                            loss, logits, grad, labels, stack, alpha=alpha,
                             ignore_index=IGNORE_INDEX, tol=args.check_tol,
                             grad_scale=float(scaler.get_scale()) if scaler.is_enabled() else 1.0)
                         parity = result.as_dict()
@@ -417,6 +438,8 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, object]:
                                   time_ms=timer.summary())
                     if scaler.is_enabled():
                         record["grad_scale"] = float(scaler.get_scale())
+                    if warmup > 0:
+                        record["alpha"] = alpha
                     if parity is not None:
                         record["parity"] = parity
                         if "skipped" not in parity:
@@ -464,7 +487,12 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, object]:
     wall = time.perf_counter() - wall_start
     timing = timer.overall()
     summary = dict(last_eval, iterations=iteration, loss=args.loss, wall_seconds=wall,
-                   time_ms_per_step=timing)
+                   time_ms_per_step=timing, classes=list(classes),
+                   IoU_per_class=dict(zip(classes, last_eval["IoU"], strict=True)),
+                   seed=args.seed,
+                   alpha=args.alpha if criterion is not None else None,
+                   alpha_warmup_iterations=warmup, dataset=args.dataset,
+                   label_noise=args.label_noise)
     logger.record("final", iteration, **summary)
     if rank == 0:
         with open(out_dir / "final.json", "w") as f:
@@ -472,6 +500,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, object]:
     logger.print("time per step (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in timing.items()))
     logger.print(f"final ({args.loss.upper()}, {iteration} iterations, {wall:.0f} s): "
                  f"{fmt(last_eval)}")
+    logger.print(f"IoU per class: {fmt_classes(last_eval)}")
     logger.close()
     _barrier(info)
     return summary
