@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 
-def plot_mc(results: Path) -> Path | None:
-    """Writes ``<results stem>.png`` beside ``results``; None (with a note) without matplotlib."""
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a note) without matplotlib."""
     try:
         import matplotlib
 
@@ -19,6 +19,14 @@ def plot_mc(results: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("plot: matplotlib is not installed (pip install matplotlib); no PNG written")
+        return None
+    return plt
+
+
+def plot_mc(results: Path) -> Path | None:
+    """Writes ``<results stem>.png`` beside ``results``; None (with a note) without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
         return None
     data = json.loads(results.read_text())
     rows = data["rows"]
@@ -49,6 +57,36 @@ def plot_mc(results: Path) -> Path | None:
     return out
 
 
+def plot_steps(results: Path) -> Path | None:
+    """Writes ``<results stem>.png``: a horizontal bar per training-step variant (median ms),
+    labelled with its ratio to CE; None (with a note) without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    data = json.loads(results.read_text())
+    rows = [r for r in data["rows"] if "median_s" in r and "passes" not in r["impl"]]
+    ce = next((r["median_s"] for r in rows if r["impl"] == "CE"), None)
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    names = [r["impl"] for r in rows][::-1]
+    values = [r["median_s"] * 1e3 for r in rows][::-1]
+    bars = ax.barh(names, values, color=["#888" if n.startswith(("CE", "U-CE off")) else "#3a7"
+                                         for n in names])
+    if ce:
+        for bar, value in zip(bars, values, strict=True):
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                    f" {value / (ce * 1e3):.2f}× CE", va="center", fontsize=8)
+    ax.set(xlabel="median ms per training step", title=rows[0]["shape"] if rows else "")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_xlim(0, max(values, default=1) * 1.25)
+    fig.text(0.01, 0.01, data.get("machine", ""), fontsize=7, alpha=0.7)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    out = results.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 if __name__ == "__main__":
     for arg in sys.argv[1:]:
-        print(plot_mc(Path(arg)))
+        path = Path(arg)
+        print(plot_steps(path) if path.stem.startswith("step-") else plot_mc(path))

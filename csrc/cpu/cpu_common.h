@@ -204,40 +204,9 @@ inline int64_t grain_for(int64_t elems_per_item) {
   return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, elems_per_item));
 }
 
-inline bool is_float_type(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
 inline void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "uce_fast (CPU kernels): ", name,
               " must be a CPU tensor, got device ", t.device());
-}
-
-inline void check_logits(const at::Tensor& t, const char* name) {
-  check_cpu(t, name);
-  TORCH_CHECK(is_float_type(t.scalar_type()), "uce_fast: ", name,
-              " must be float32, float16 or bfloat16, got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "uce_fast: ", name, " must be contiguous");
-}
-
-// A contiguous float32 per-pixel tensor: (B, N), or (planes, B, N) when
-// planes > 1.
-inline void check_f32_bn(const at::Tensor& t, const char* name, int64_t B,
-                         int64_t N, int64_t planes = 1) {
-  check_cpu(t, name);
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "uce_fast: ", name,
-              " must be float32, got ", t.scalar_type());
-  if (planes > 1) {
-    TORCH_CHECK(t.dim() == 3 && t.size(0) == planes && t.size(1) == B &&
-                    t.size(2) == N,
-                "uce_fast: ", name, " must have shape (", planes, ", ", B,
-                ", ", N, "), got ", t.sizes());
-  } else {
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) == N,
-                "uce_fast: ", name, " must have shape (", B, ", ", N,
-                "), got ", t.sizes());
-  }
-  TORCH_CHECK(t.is_contiguous(), "uce_fast: ", name, " must be contiguous");
 }
 
 // Calls f with a value of the C++ element type of t (float, c10::Half or

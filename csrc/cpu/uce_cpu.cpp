@@ -26,6 +26,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "common/op_checks.h"
 #include "cpu/cpu_common.h"
 
 namespace uce_cpu {
@@ -650,76 +651,28 @@ void run_backward(const BwdParams& p) {
 }
 
 // ---------------------------------------------------------------------------
-// Argument checking (common checks: cpu_common.h).
+// Argument checking: the checks shared with the CUDA glue
+// (common/op_checks.h) with the CPU device check.
 
-void check_target(const at::Tensor& target, int64_t B, int64_t N) {
-  check_cpu(target, "target");
-  TORCH_CHECK(target.scalar_type() == at::kLong,
-              "uce_fast: target must be int64, got ", target.scalar_type());
-  TORCH_CHECK(target.dim() == 2 && target.size(0) == B &&
-                  target.size(1) == N,
-              "uce_fast: target must have shape (", B, ", ", N, "), got ",
-              target.sizes());
-  TORCH_CHECK(target.is_contiguous(), "uce_fast: target must be contiguous");
+void on_cpu(const at::Tensor& t, const char* name, const at::Device&) {
+  check_cpu(t, name);
 }
 
-void check_input(const at::Tensor& input) {
-  check_logits(input, "input");
-  TORCH_CHECK(input.dim() == 3,
-              "uce_fast: input must have shape (B, C, N), got ",
-              input.sizes());
-  TORCH_CHECK(input.size(1) >= 1,
-              "uce_fast: input must have at least one class");
-  TORCH_CHECK(input.size(1) <= INT32_MAX,
-              "uce_fast: input has too many classes");
-}
-
-// Returns (class weights or nullptr, their sum).
-std::pair<const float*, float> check_weight(
-    const std::optional<at::Tensor>& weight, int64_t C) {
-  if (!weight.has_value() || !weight->defined()) {
-    return {nullptr, static_cast<float>(C)};
-  }
-  const at::Tensor& w = *weight;
-  check_cpu(w, "weight");
-  TORCH_CHECK(w.scalar_type() == at::kFloat,
-              "uce_fast: weight must be float32, got ", w.scalar_type());
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == C,
-              "uce_fast: weight must have shape (", C, ",), got ", w.sizes());
-  TORCH_CHECK(w.is_contiguous(), "uce_fast: weight must be contiguous");
-  const float* p = w.data_ptr<float>();
+// Returns (class weights or nullptr, their sum, in double as the CUDA kernels
+// form it).
+std::pair<const float*, float> weight_and_sum(
+    const std::optional<at::Tensor>& weight, int64_t C,
+    const at::Device& device) {
+  const float* p = uce_checks::check_weight(weight, C, device, on_cpu);
+  if (p == nullptr) return {nullptr, static_cast<float>(C)};
   double S = 0.0;
   for (int64_t c = 0; c < C; ++c) S += p[c];
   return {p, static_cast<float>(S)};
 }
 
-// Validates the Monte-Carlo stack and returns beta.
-int64_t check_samples(const at::Tensor& samples, int64_t correction) {
-  check_logits(samples, "samples");
-  TORCH_CHECK(samples.dim() == 4,
-              "uce_fast: samples must have shape (beta, B, C, N), got ",
-              samples.sizes());
-  TORCH_CHECK(samples.size(2) >= 1,
-              "uce_fast: samples must have at least one class");
-  TORCH_CHECK(samples.size(2) <= INT32_MAX,
-              "uce_fast: samples has too many classes");
-  const int64_t beta = samples.size(0);
-  TORCH_CHECK_VALUE(beta >= 2,
-                    "uce_fast: need at least 2 Monte-Carlo samples, got "
-                    "beta = ",
-                    beta);
-  TORCH_CHECK(beta <= INT32_MAX, "uce_fast: too many Monte-Carlo samples");
-  TORCH_CHECK_VALUE(correction >= 0 && correction < beta,
-                    "uce_fast: correction must be in [0, beta) = [0, ", beta,
-                    "), got ", correction);
-  return beta;
-}
-
 CeConsts make_ce(const std::pair<const float*, float>& w, int64_t C,
                  double label_smoothing, int64_t ignore_index) {
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-                    "uce_fast: label_smoothing must be in [0, 1], got ",
-                    label_smoothing);
+  uce_checks::check_label_smoothing(label_smoothing);
   CeConsts k{};
   k.cw = w.first;
   k.S = w.second;
@@ -738,17 +691,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uce_forward_cpu(
     const std::optional<at::Tensor>& sigma,
     const std::optional<at::Tensor>& weight, double alpha,
     int64_t ignore_index, double label_smoothing, int64_t correction) {
-  check_input(input);
+  uce_checks::check_input(input, on_cpu);
+  const at::Device device = input.device();
   const int64_t B = input.size(0);
   const int64_t C = input.size(1);
   const int64_t N = input.size(2);
-  check_target(target, B, N);
+  uce_checks::check_target(target, B, N, device, on_cpu);
   const bool has_samples = samples.has_value() && samples->defined();
   const bool has_sigma = sigma.has_value() && sigma->defined();
   TORCH_CHECK(has_samples != has_sigma,
               "uce_fast: exactly one of samples and sigma must be given");
   const CeConsts ce =
-      make_ce(check_weight(weight, C), C, label_smoothing, ignore_index);
+      make_ce(weight_and_sum(weight, C, device), C, label_smoothing,
+              ignore_index);
 
   FwdParams p;
   p.B = B;
@@ -761,7 +716,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uce_forward_cpu(
   at::ScalarType st = at::kFloat;
   if (has_samples) {
     const at::Tensor& s = *samples;
-    p.beta = check_samples(s, correction);
+    p.beta = uce_checks::check_samples(s, correction, device, on_cpu);
     TORCH_CHECK(s.size(1) == B && s.size(2) == C && s.size(3) == N,
                 "uce_fast: samples must have shape (beta, ", B, ", ", C, ", ",
                 N, ") to match input, got ", s.sizes());
@@ -771,7 +726,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uce_forward_cpu(
     p.T = mc_tile_size(C);
     st = s.scalar_type();
   } else {
-    check_f32_bn(*sigma, "sigma", B, N);
+    uce_checks::check_f32_bn(*sigma, "sigma", B, N, device, on_cpu);
     p.sigma_in = sigma->data_ptr<float>();
     p.T = ce_tile_size(C);
   }
@@ -802,19 +757,22 @@ at::Tensor uce_backward_cpu(const at::Tensor& grad_loss_in,
                             const at::Tensor& pixel_weight,
                             const std::optional<at::Tensor>& weight,
                             int64_t ignore_index, double label_smoothing) {
-  check_input(input);
+  uce_checks::check_input(input, on_cpu);
+  const at::Device device = input.device();
   const int64_t B = input.size(0);
   const int64_t C = input.size(1);
   const int64_t N = input.size(2);
   check_cpu(grad_loss_in, "grad_loss");
   // May arrive expanded (zero strides) from a mean/sum reduction.
   const at::Tensor grad_loss = grad_loss_in.contiguous();
-  check_f32_bn(grad_loss, "grad_loss", B, N);
-  check_target(target, B, N);
-  check_f32_bn(norm, "norm", B, N, 2);
-  check_f32_bn(pixel_weight, "pixel_weight", B, N);
+  uce_checks::check_f32_bn(grad_loss, "grad_loss", B, N, device, on_cpu);
+  uce_checks::check_target(target, B, N, device, on_cpu);
+  uce_checks::check_f32_bn(norm, "norm", B, N, device, on_cpu, 2);
+  uce_checks::check_f32_bn(pixel_weight, "pixel_weight", B, N, device,
+                           on_cpu);
   const CeConsts ce =
-      make_ce(check_weight(weight, C), C, label_smoothing, ignore_index);
+      make_ce(weight_and_sum(weight, C, device), C, label_smoothing,
+              ignore_index);
 
   at::Tensor grad_input = at::empty({B, C, N}, input.options());
   if (B * N == 0) return grad_input;
