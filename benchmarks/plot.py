@@ -64,7 +64,7 @@ def plot_steps(results: Path) -> Path | None:
     if plt is None:
         return None
     data = json.loads(results.read_text())
-    rows = [r for r in data["rows"] if "median_s" in r and "passes" not in r["impl"]]
+    rows = [r for r in data["rows"] if "median_s" in r and r.get("kind") != "passes"]
     ce = next((r["median_s"] for r in rows if r["impl"] == "CE"), None)
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
     names = [r["impl"] for r in rows][::-1]

@@ -92,6 +92,34 @@ def mc_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def step_table(rows: list[dict]) -> str:
+    """Markdown for the training-step suite: per variant the median step time, its ratio to CE
+    and to the official-code style, and the peak extra memory; then the sample passes alone."""
+    steps = [r for r in rows if r.get("kind") != "passes"]
+    passes = [r for r in rows if r.get("kind") == "passes"]
+    by_name = {r["impl"]: r.get("median_s") for r in steps}
+    ce, official = by_name.get("CE"), by_name.get("U-CE official-style")
+    lines = ["| step | median (ms) | vs CE | vs official-style | peak extra memory (MiB) |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for r in steps:
+        median = r.get("median_s")
+        extra = r.get("extra_bytes")
+        lines.append(
+            f"| {r['impl']} | {_fmt_ms(median) if median else '—'} "
+            f"| {f'{median / ce:.2f}×' if median and ce else '—'} "
+            f"| {f'{median / official:.2f}×' if median and official else '—'} "
+            f"| {f'{extra / 2**20:.0f}' if extra is not None else '—'} |")
+    if passes:
+        plain = next((r.get("median_s") for r in passes if "plain" in r["impl"]), None)
+        lines += ["", "| sample passes | median (ms) | vs β plain passes |",
+                  "| --- | ---: | ---: |"]
+        for r in passes:
+            median = r.get("median_s")
+            lines.append(f"| {r['impl']} | {_fmt_ms(median) if median else '—'} "
+                         f"| {f'{median / plain:.2f}×' if median and plain else '—'} |")
+    return "\n".join(lines)
+
+
 def write_suite(directory: Path, suite: str, rows: list[dict], machine: str) -> None:
     merged: dict[tuple, dict] = {}
     for r in rows:  # time and memory of one (shape, impl[, β]) may come from separate tests
@@ -106,6 +134,13 @@ def write_suite(directory: Path, suite: str, rows: list[dict], machine: str) -> 
         from plot import plot_mc  # matplotlib is only needed for this plot
 
         png = plot_mc(directory / f"{suite}.json")
+        if png is not None:
+            body += f"\n\n![{suite}](docs/{png.name})"
+    elif suite.startswith("step-"):
+        body = f"Shape: {rows[0]['shape']}\n\n{step_table(rows)}" if rows else ""
+        from plot import plot_steps
+
+        png = plot_steps(directory / f"{suite}.json")
         if png is not None:
             body += f"\n\n![{suite}](docs/{png.name})"
     else:
