@@ -196,6 +196,56 @@ inline Isa cpu_isa() {
   return isa;
 }
 
+// One kernel body compiled once per instruction set. `Body` has a static
+// `run(const Arg&)`; isa_variant<Body, Arg>(isa) returns a function that runs
+// it compiled for the generic target, AVX2+FMA or AVX-512 (the body is
+// inlined into each clone, so the vectoriser targets that instruction set).
+template <typename Body, typename Arg>
+void run_generic(const Arg& a) {
+  Body::run(a);
+}
+#ifdef UCE_X86
+template <typename Body, typename Arg>
+UCE_TARGET_AVX2 void run_avx2(const Arg& a) {
+  Body::run(a);
+}
+template <typename Body, typename Arg>
+UCE_TARGET_AVX512 void run_avx512(const Arg& a) {
+  Body::run(a);
+}
+#endif
+
+template <typename Body, typename Arg>
+auto isa_variant(Isa isa) -> void (*)(const Arg&) {
+#ifdef UCE_X86
+  if (isa == Isa::kAvx512) return &run_avx512<Body, Arg>;
+  if (isa == Isa::kAvx2) return &run_avx2<Body, Arg>;
+#endif
+  (void)isa;
+  return &run_generic<Body, Arg>;
+}
+
+// The variant of `Tiled<kT>` (a Body per tile width) for tiles of T pixels: a
+// fixed width (16..256) lets the compiler specialise the pixel loops; kT = 0
+// takes the width at run time (tail tiles, or a width without a variant).
+template <template <int> class Tiled, typename Arg>
+auto tile_variant(Isa isa, int64_t T) -> void (*)(const Arg&) {
+  switch (T) {
+    case 256:
+      return isa_variant<Tiled<256>, Arg>(isa);
+    case 128:
+      return isa_variant<Tiled<128>, Arg>(isa);
+    case 64:
+      return isa_variant<Tiled<64>, Arg>(isa);
+    case 32:
+      return isa_variant<Tiled<32>, Arg>(isa);
+    case 16:
+      return isa_variant<Tiled<16>, Arg>(isa);
+    default:
+      return isa_variant<Tiled<0>, Arg>(isa);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Drivers and argument checking.
 

@@ -629,62 +629,32 @@ UCE_TARGET_AVX2_F16C UCE_INLINE void interp8_avx2(
 template <typename ST>
 using StreamFn = void (*)(const McStream<ST>&);
 
-template <typename ST, int kT>
-void stream_generic(const McStream<ST>& a) {
-  mc_stream_tile<ST, kT>(a);
-}
+// The tile body, for tile_variant (cpu_common.h).
+template <typename ST>
+struct StreamBody {
+  template <int kT>
+  struct At {
+    static UCE_INLINE void run(const McStream<ST>& a) {
+      mc_stream_tile<ST, kT>(a);
+    }
+  };
+};
+
 template <typename ST>
 UCE_NO_CONTRACT void gather_generic(const Gather<ST>& a) {
   gather_scalar<ST>(a);
 }
 
 #ifdef UCE_X86
-template <typename ST, int kT>
-UCE_TARGET_AVX2 void stream_avx2(const McStream<ST>& a) {
-  mc_stream_tile<ST, kT>(a);
-}
 template <typename ST>
 UCE_TARGET_AVX2_F16C UCE_NO_CONTRACT void gather_avx2(const Gather<ST>& a) {
   gather_windows<ST, 8>(a, interp8_avx2<ST>);
-}
-template <typename ST, int kT>
-UCE_TARGET_AVX512 void stream_avx512(const McStream<ST>& a) {
-  mc_stream_tile<ST, kT>(a);
 }
 template <typename ST>
 UCE_TARGET_AVX512 UCE_NO_CONTRACT void gather_avx512(const Gather<ST>& a) {
   gather_windows<ST, 16>(a, interp16_avx512<ST>);
 }
 #endif
-
-template <typename ST, int kT>
-StreamFn<ST> pick_stream_kt(Isa isa) {
-#ifdef UCE_X86
-  if (isa == Isa::kAvx512) return &stream_avx512<ST, kT>;
-  if (isa == Isa::kAvx2) return &stream_avx2<ST, kT>;
-#endif
-  (void)isa;
-  return &stream_generic<ST, kT>;
-}
-
-// T = 0: runtime tile width (tail tiles).
-template <typename ST>
-StreamFn<ST> pick_stream(Isa isa, int64_t T) {
-  switch (T) {
-    case 256:
-      return pick_stream_kt<ST, 256>(isa);
-    case 128:
-      return pick_stream_kt<ST, 128>(isa);
-    case 64:
-      return pick_stream_kt<ST, 64>(isa);
-    case 32:
-      return pick_stream_kt<ST, 32>(isa);
-    case 16:
-      return pick_stream_kt<ST, 16>(isa);
-    default:
-      return pick_stream_kt<ST, 0>(isa);
-  }
-}
 
 // Also returns the group width V of the window path (0: none).
 template <typename ST>
@@ -737,8 +707,10 @@ struct McParams {
 template <typename ST>
 void run_mc(const McParams& p) {
   const Isa isa = cpu_isa();
-  const StreamFn<ST> full = pick_stream<ST>(isa, p.T);
-  const StreamFn<ST> tail = pick_stream<ST>(isa, 0);
+  const StreamFn<ST> full =
+      tile_variant<StreamBody<ST>::template At, McStream<ST>>(isa, p.T);
+  const StreamFn<ST> tail =
+      tile_variant<StreamBody<ST>::template At, McStream<ST>>(isa, 0);
   const bool resample = p.rows != nullptr;
   int V = 0;
   const GatherFn<ST> gather = resample ? pick_gather<ST>(isa, &V) : nullptr;

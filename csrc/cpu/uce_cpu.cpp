@@ -411,99 +411,23 @@ UCE_INLINE void bwd_tile(const BwdTile<IT>& a) {
 
 template <typename ST>
 using McFn = void (*)(const McTile<ST>&);
-template <typename IT>
-using CeFn = void (*)(const CeTile<IT>&);
-template <typename IT>
-using BwdFn = void (*)(const BwdTile<IT>&);
 
-template <typename ST, int kT>
-void mc_generic(const McTile<ST>& a) {
-  mc_tile<ST, kT>(a);
-}
-template <typename IT>
-void ce_generic(const CeTile<IT>& a) {
-  ce_tile<IT>(a);
-}
-template <typename IT>
-void bwd_generic(const BwdTile<IT>& a) {
-  bwd_tile<IT>(a);
-}
-
-#ifdef UCE_X86
-template <typename ST, int kT>
-UCE_TARGET_AVX2 void mc_avx2(const McTile<ST>& a) {
-  mc_tile<ST, kT>(a);
-}
-template <typename IT>
-UCE_TARGET_AVX2 void ce_avx2(const CeTile<IT>& a) {
-  ce_tile<IT>(a);
-}
-template <typename IT>
-UCE_TARGET_AVX2 void bwd_avx2(const BwdTile<IT>& a) {
-  bwd_tile<IT>(a);
-}
-template <typename ST, int kT>
-UCE_TARGET_AVX512 void mc_avx512(const McTile<ST>& a) {
-  mc_tile<ST, kT>(a);
-}
-template <typename IT>
-UCE_TARGET_AVX512 void ce_avx512(const CeTile<IT>& a) {
-  ce_tile<IT>(a);
-}
-template <typename IT>
-UCE_TARGET_AVX512 void bwd_avx512(const BwdTile<IT>& a) {
-  bwd_tile<IT>(a);
-}
-#endif
-
-template <typename ST, int kT>
-McFn<ST> pick_mc_kt(Isa isa) {
-#ifdef UCE_X86
-  if (isa == Isa::kAvx512) return &mc_avx512<ST, kT>;
-  if (isa == Isa::kAvx2) return &mc_avx2<ST, kT>;
-#endif
-  (void)isa;
-  return &mc_generic<ST, kT>;
-}
-
-// T = 0: runtime tile width (tail tiles, or a width without a fixed variant).
+// The tile bodies, for isa_variant / tile_variant (cpu_common.h).
 template <typename ST>
-McFn<ST> pick_mc(Isa isa, int64_t T) {
-  switch (T) {
-    case 256:
-      return pick_mc_kt<ST, 256>(isa);
-    case 128:
-      return pick_mc_kt<ST, 128>(isa);
-    case 64:
-      return pick_mc_kt<ST, 64>(isa);
-    case 32:
-      return pick_mc_kt<ST, 32>(isa);
-    case 16:
-      return pick_mc_kt<ST, 16>(isa);
-    default:
-      return pick_mc_kt<ST, 0>(isa);
-  }
-}
-
+struct McBody {
+  template <int kT>
+  struct At {
+    static UCE_INLINE void run(const McTile<ST>& a) { mc_tile<ST, kT>(a); }
+  };
+};
 template <typename IT>
-CeFn<IT> pick_ce(Isa isa) {
-#ifdef UCE_X86
-  if (isa == Isa::kAvx512) return &ce_avx512<IT>;
-  if (isa == Isa::kAvx2) return &ce_avx2<IT>;
-#endif
-  (void)isa;
-  return &ce_generic<IT>;
-}
-
+struct CeBody {
+  static UCE_INLINE void run(const CeTile<IT>& a) { ce_tile<IT>(a); }
+};
 template <typename IT>
-BwdFn<IT> pick_bwd(Isa isa) {
-#ifdef UCE_X86
-  if (isa == Isa::kAvx512) return &bwd_avx512<IT>;
-  if (isa == Isa::kAvx2) return &bwd_avx2<IT>;
-#endif
-  (void)isa;
-  return &bwd_generic<IT>;
-}
+struct BwdBody {
+  static UCE_INLINE void run(const BwdTile<IT>& a) { bwd_tile<IT>(a); }
+};
 
 // ---------------------------------------------------------------------------
 // Drivers: at::parallel_for over (batch row, tile) work items.
@@ -531,9 +455,11 @@ struct FwdParams {
 template <typename IT, typename ST>
 void run_forward(const FwdParams& p) {
   const Isa isa = cpu_isa();
-  const McFn<ST> mc_full = pick_mc<ST>(isa, p.T);
-  const McFn<ST> mc_tail = pick_mc<ST>(isa, 0);
-  const CeFn<IT> ce = pick_ce<IT>(isa);
+  const McFn<ST> mc_full =
+      tile_variant<McBody<ST>::template At, McTile<ST>>(isa, p.T);
+  const McFn<ST> mc_tail =
+      tile_variant<McBody<ST>::template At, McTile<ST>>(isa, 0);
+  const auto ce = isa_variant<CeBody<IT>, CeTile<IT>>(isa);
   const bool has_samples = p.samples != nullptr;
   const int64_t T = p.T, C = p.C, N = p.N;
   const int64_t work = T * C * (has_samples ? p.beta + 1 : 1);
@@ -619,7 +545,7 @@ struct BwdParams {
 
 template <typename IT>
 void run_backward(const BwdParams& p) {
-  const BwdFn<IT> fn = pick_bwd<IT>(cpu_isa());
+  const auto fn = isa_variant<BwdBody<IT>, BwdTile<IT>>(cpu_isa());
   const int64_t T = p.T, C = p.C, N = p.N;
   at::parallel_for(0, p.B * p.ntiles, grain_for(T * C), [&](int64_t begin,
                                                             int64_t end) {
