@@ -44,9 +44,8 @@ def mc_uncertainty(samples: Tensor, correction: int = 1) -> tuple[Tensor, Tensor
         ``pred`` (B, *spatial) int64, the argmax over classes of the mean probability (first
         maximum on ties, as ``torch.argmax``).
     """
-    mean, m2, mean_entropy = mc_moments(samples)
-    sigma, pred, _, _ = mc_finalize(mean, m2, mean_entropy, samples.shape[0], correction)
-    return sigma, pred
+    probs = torch.softmax(samples.to(compute_dtype(samples)), dim=2)
+    return _sigma_and_prediction(*_mean_m2(probs), samples.shape[0], correction)
 
 
 def upsample(samples: Tensor, size: tuple[int, int] | None, align_corners: bool) -> Tensor:
@@ -71,6 +70,26 @@ def upsample(samples: Tensor, size: tuple[int, int] | None, align_corners: bool)
     return up.to(samples.dtype).reshape(*lead, *size)
 
 
+def _mean_m2(probs: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and sum of squared deviations over dim 0 of a stack of probabilities."""
+    if probs.numel() == 0:  # an empty batch or spatial dim (torch's var_mean would warn)
+        mean = probs.new_zeros(probs.shape[1:])
+        return mean, torch.zeros_like(mean)
+    # torch's Welford-style var_mean: identical samples give exactly mean = p and m2 = 0 (a plain
+    # sum-then-divide mean can be an ulp off p, leaving a spurious sigma ~ 1e-8).
+    var, mean = torch.var_mean(probs, dim=0, correction=0)
+    return mean, var * probs.shape[0]
+
+
+def _sigma_and_prediction(mean: Tensor, m2: Tensor, count: int,
+                          correction: int) -> tuple[Tensor, Tensor]:
+    """(sigma, pred) from the moments of ``count`` samples: the first argmax of ``mean`` and the
+    standard deviation of its probability."""
+    pred = mean.argmax(dim=1)
+    var = m2.gather(1, pred.unsqueeze(1)).squeeze(1) / (count - correction)
+    return var.clamp_min(0).sqrt(), pred
+
+
 def mc_moments(samples: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Exact (two-pass) moments of a Monte-Carlo stack's softmax probabilities.
 
@@ -85,14 +104,7 @@ def mc_moments(samples: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     dtype = compute_dtype(samples)
     logp = torch.log_softmax(samples.to(dtype), dim=2)
     probs = logp.exp()
-    if probs.numel() == 0:  # an empty batch or spatial dim (torch's var_mean would warn)
-        mean = probs.new_zeros(probs.shape[1:])
-        m2 = torch.zeros_like(mean)
-    else:
-        # torch's Welford-style var_mean: identical samples give exactly mean = p and m2 = 0 (a
-        # plain sum-then-divide mean can be an ulp off p, leaving a spurious sigma ~ 1e-8).
-        var, mean = torch.var_mean(probs, dim=0, correction=0)
-        m2 = var * probs.shape[0]
+    mean, m2 = _mean_m2(probs)
     # 0·log 0 = 0: a class with probability 0 (a -inf logit) adds nothing.
     plogp = torch.where(probs > 0, probs * logp, torch.zeros((), dtype=dtype, device=probs.device))
     mean_entropy = -plogp.sum(dim=2).mean(dim=0)
@@ -135,9 +147,7 @@ def mc_finalize(
         the predictive entropy ``H(mean)`` and the mutual information (BALD)
         ``H(mean) - mean_b H(p_b)``, clamped at 0 (it is >= 0 up to rounding).
     """
-    pred = mean.argmax(dim=1)
-    var = m2.gather(1, pred.unsqueeze(1)).squeeze(1) / (count - correction)
-    sigma = var.clamp_min(0).sqrt()
+    sigma, pred = _sigma_and_prediction(mean, m2, count, correction)
     entropy = torch.special.entr(mean).sum(dim=1)
     mutual_info = (entropy - mean_entropy).clamp_min(0)
     return sigma, pred, entropy, mutual_info
