@@ -23,6 +23,16 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, results: Path, data: dict, bottom: float) -> Path:
+    """Stamps the machine line at the bottom, writes ``<results stem>.png``, returns its path."""
+    fig.text(0.01, 0.01, data.get("machine", ""), fontsize=7, alpha=0.7)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    out = results.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_mc(results: Path) -> Path | None:
     """Writes ``<results stem>.png`` beside ``results``; None (with a note) without matplotlib."""
     plt = _pyplot()
@@ -49,12 +59,7 @@ def plot_mc(results: Path) -> Path | None:
         ax.grid(True, which="both", alpha=0.3)
         ax.set_xticks(sorted({r["beta"] for r in rows}))
     mem_ax.legend(fontsize=8)
-    fig.text(0.01, 0.01, data.get("machine", ""), fontsize=7, alpha=0.7)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    out = results.with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, results, data, bottom=0.03)
 
 
 def plot_steps(results: Path) -> Path | None:
@@ -78,12 +83,7 @@ def plot_steps(results: Path) -> Path | None:
     ax.set(xlabel="median ms per training step", title=rows[0]["shape"] if rows else "")
     ax.grid(True, axis="x", alpha=0.3)
     ax.set_xlim(0, max(values, default=1) * 1.25)
-    fig.text(0.01, 0.01, data.get("machine", ""), fontsize=7, alpha=0.7)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    out = results.with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, results, data, bottom=0.04)
 
 
 if __name__ == "__main__":
