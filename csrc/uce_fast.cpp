@@ -5,26 +5,20 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(uce_fast, m) {
-  // (loss (B, N), norm (2, B, N), pixel_weight (B, N)), float32; norm holds
-  // the softmax normaliser of the logits (max, log sum exp(x - max)).
+  // Contract of every op: uce_fast/ops.py.
   m.def(
       "uce_forward(Tensor input, Tensor target, Tensor? samples, "
       "Tensor? sigma, Tensor? weight, float alpha, int ignore_index, "
-      "float label_smoothing, int correction) -> (Tensor, Tensor, Tensor)");
-  // grad_input (B, C, N) in the dtype of input.
+      "float label_smoothing, int correction, bool check_labels) -> "
+      "(Tensor, Tensor, Tensor)");
   m.def(
       "uce_backward(Tensor grad_loss, Tensor input, Tensor target, "
       "Tensor norm, Tensor pixel_weight, Tensor? weight, int ignore_index, "
       "float label_smoothing) -> Tensor");
-  // Streaming Monte-Carlo statistics (contract in uce_fast/ops.py): fold
-  // samples (S, B, C, in_h*in_w), bilinearly upsampled to out_h x out_w on the
-  // fly, into the float32 state mean/m2 (B, C, N) and entropy (B, N) in place.
   m.def(
       "mc_accumulate_(Tensor(a!) mean, Tensor(b!) m2, Tensor(c!) entropy, "
       "Tensor samples, int count, int in_h, int in_w, int out_h, int out_w, "
       "bool align_corners) -> ()");
-  // (sigma f32 (B, N), pred int64 (B, N), entropy f32 (B, N) | (0,),
-  //  mutual_info f32 (B, N) | (0,), mean_probs f32 (B, C, N) | (0,)).
   m.def(
       "mc_reduce(Tensor? samples, Tensor? mean, Tensor? m2, Tensor? entropy, "
       "int count, int in_h, int in_w, int out_h, int out_w, bool align_corners, "

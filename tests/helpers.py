@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import uce_fast
+from uce_fast.testing import uce_oracle
 
 #: Backends the suite knows; each test parametrised over them skips those not usable here.
 ALL_BACKENDS = ("torch", "cpu", "cuda", "triton")
@@ -85,3 +86,22 @@ def loss_and_grad(fn, input, grad_out=None):
     grad = torch.autograd.grad(loss, x, grad_out.to(loss), allow_unused=False)[0]
     return loss.detach(), grad
 
+
+
+def assert_matches_oracle(loss, grad, input, target, samples, grad_out=None, *, scale=5.0,
+                          **options):
+    """A backend's ``(loss, grad)`` against the float64 oracle (``uce_fast.testing``), which
+    accepts either class where the top two mean probabilities are within float32 rounding: the
+    loss with the float32 tolerance, the gradient with that of its own dtype, loosened by
+    ``scale``. ``options`` are ``uce_loss``'s. Returns the oracle's result."""
+    options.pop("backend", None)
+    ref = uce_oracle(input.detach().cpu(), target.cpu(), samples.detach().cpu(),
+                     got_grad=grad.cpu(),
+                     grad_output=1.0 if grad_out is None else grad_out.cpu(), **{
+                         k: (v.cpu() if isinstance(v, torch.Tensor) else v)
+                         for k, v in options.items()})
+    assert_close(loss.cpu(), ref.loss.float(), dtype=torch.float32, scale=scale,
+                 msg="loss vs float64 oracle")
+    assert_close(grad.cpu(), ref.grad.to(grad.dtype), dtype=grad.dtype, scale=scale,
+                 msg="grad vs float64 oracle")
+    return ref

@@ -28,6 +28,47 @@ def test_label_out_of_range(backend, label):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("source", ["samples", "sigma"])
+def test_unchecked_bad_labels_are_ignored(backend, reduction, source):
+    """check_labels=False: an invalid label neither raises nor reads out of bounds; the pixel
+    counts exactly as ignore_index, also in the mean's denominator and the gradient."""
+    input, target, samples = _case(backend)
+    given = {"samples": samples} if source == "samples" else {
+        "sigma": torch.rand(target.shape, device=target.device)}
+    bad = target.clone()
+    bad[0, 0, 0], bad[1, 2, 1], bad[1, 3, 2] = -1, 5, 2**40
+    ignored = target.clone()
+    ignored[0, 0, 0] = ignored[1, 2, 1] = ignored[1, 3, 2] = -100
+    results = []
+    for labels in (bad, ignored):
+        x = input.detach().clone().requires_grad_(True)
+        loss = uce_fast.uce_loss(x, labels, **given, reduction=reduction, backend=backend,
+                                 check_labels=False)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        results.append((loss, grad))
+    (loss, grad), (want_loss, want_grad) = results
+    assert torch.equal(loss, want_loss) and torch.equal(grad, want_grad)
+    assert torch.count_nonzero(grad[1, :, 2, 1]) == 0
+
+
+def test_label_check_under_compile_raises():
+    input, target, samples = _case("torch")
+    target[0, 1, 1] = 7
+    compiled = torch.compile(lambda x, t, s: uce_fast.uce_loss(x, t, s, backend="torch"),
+                             fullgraph=True)
+    with pytest.raises(ValueError, match=r"label 7, outside \[0, 5\)"):
+        compiled(input, target, samples)
+
+
+@pytest.mark.parametrize("check_labels", [1, None, "no"])
+def test_check_labels_must_be_a_bool(check_labels):
+    input, target, samples = _case("torch")
+    with pytest.raises(TypeError, match="check_labels must be a bool"):
+        uce_fast.uce_loss(input, target, samples, check_labels=check_labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("mutate", "error", "pattern"), [
     (lambda a: a.update(samples=a["samples"][:1]), ValueError, r"β >= 2"),
     (lambda a: a.update(samples=a["samples"][:, :, :4]), ValueError, r"samples must have shape"),

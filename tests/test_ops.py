@@ -32,13 +32,14 @@ def _flat(input, target, samples):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_samples", [True, False], ids=["samples", "sigma"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["no-weight", "weight"])
-def test_opcheck_uce_forward(backend, dtype, with_samples, weighted):
+@pytest.mark.parametrize("check_labels", [True, False], ids=["checked", "unchecked"])
+def test_opcheck_uce_forward(backend, dtype, with_samples, weighted, check_labels):
     device = device_of(backend)
     input, target, samples = _flat(*make_case(2, 7, (5, 3), 3, dtype=dtype, device=device))
     sigma = torch.rand(target.shape, device=device)
     weight = torch.rand(7, device=device) if weighted else None
     args = (input, target, samples if with_samples else None, None if with_samples else sigma,
-            weight, 2.0, -100, 0.1, 1)
+            weight, 2.0, -100, 0.1, 1, check_labels)
     torch.library.opcheck(_op(backend, "uce_forward").default, args)
 
 
@@ -48,7 +49,7 @@ def test_opcheck_uce_backward(backend, dtype):
     device = device_of(backend)
     input, target, samples = _flat(*make_case(2, 7, (5, 3), 3, dtype=dtype, device=device))
     _, norm, pixel_weight = _op(backend, "uce_forward")(
-        input, target, samples, None, None, 2.0, -100, 0.0, 1)
+        input, target, samples, None, None, 2.0, -100, 0.0, 1, True)
     grad = torch.rand(target.shape, device=device)
     torch.library.opcheck(_op(backend, "uce_backward").default,
                           (grad, input.detach(), target, norm, pixel_weight, None, -100, 0.0))

@@ -21,10 +21,10 @@ __all__ = [
     "available_backends",
     "check_correction",
     "check_device",
-    "check_labels",
-    "check_samples",
+    "check_mc_stack",
     "check_tensor",
     "kernel_ops",
+    "label_mask",
     "resolve_backend",
 ]
 
@@ -138,7 +138,7 @@ def check_correction(correction: int, count: int) -> None:
         raise ValueError(f"correction must be in [0, β) = [0, {count}), got {correction}")
 
 
-def check_samples(samples: Tensor, correction: int | None) -> None:
+def check_mc_stack(samples: Tensor, correction: int | None) -> None:
     """``samples`` is a floating (β, B, C, *spatial) stack with β >= 2 (and a valid correction)."""
     check_tensor("samples", samples, FLOAT_DTYPES, "a floating tensor (β, B, C, *spatial)")
     if samples.dim() < 3:
@@ -152,16 +152,35 @@ def check_samples(samples: Tensor, correction: int | None) -> None:
         check_correction(correction, beta)
 
 
-def check_labels(target: Tensor, num_classes: int, ignore_index: int) -> None:
-    """Label range check for the "torch" backend (the compiled kernels check while they run)."""
-    if torch.compiler.is_compiling() or target.numel() == 0:
-        return
-    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
-    if bool(bad.any()):
+def _label_mask(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    return (target != ignore_index) & (target >= 0) & (target < num_classes)
+
+
+@torch.library.custom_op("uce_fast::checked_label_mask", mutates_args=())
+def _checked_label_mask(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    # An opaque op, so that torch.compile runs the check (and its host synchronisation) as it is
+    # instead of tracing a data-dependent branch out of the graph.
+    mask = _label_mask(target, num_classes, ignore_index)
+    bad = ~mask & (target != ignore_index)
+    if target.numel() and bool(bad.any()):
         value = int(target[bad].flatten()[0])
         raise ValueError(
             f"target contains label {value}, outside [0, {num_classes}) "
             f"and not ignore_index ({ignore_index})"
         )
+    return mask
 
 
+@_checked_label_mask.register_fake
+def _(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    return torch.empty_like(target, dtype=torch.bool)
+
+
+def label_mask(target: Tensor, num_classes: int, ignore_index: int, check: bool) -> Tensor:
+    """Bool mask (shape of ``target``) of the pixels that contribute to the loss: label in
+    [0, num_classes) and not ``ignore_index``. With ``check``, an invalid label (outside the range,
+    not ``ignore_index``) raises ``ValueError`` — also under ``torch.compile`` (one host
+    synchronisation); without it, such pixels are simply not in the mask (treated as ignored)."""
+    if check:
+        return _checked_label_mask(target, num_classes, ignore_index)
+    return _label_mask(target, num_classes, ignore_index)

@@ -13,7 +13,7 @@ import torch
 
 
 def uce_forward_fake(input, target, samples, sigma, weight, alpha, ignore_index,
-                     label_smoothing, correction):
+                     label_smoothing, correction, check_labels):
     """(loss (B, N), norm (2, B, N), pixel_weight (B, N)), float32, for input (B, C, N)."""
     batch, _, pixels = input.shape
     loss = input.new_empty((batch, pixels), dtype=torch.float32)
@@ -49,7 +49,7 @@ def mc_reduce_fake(samples, mean, m2, entropy, count, in_h, in_w, out_h, out_w, 
 
 def setup_context(ctx, inputs, output):
     """Saves what the U-CE backward reads: input, target, norm, pixel weight, class weight."""
-    input, target, _samples, _sigma, weight, _alpha, ignore_index, label_smoothing, _c = inputs
+    input, target, _samples, _sigma, weight, _alpha, ignore_index, label_smoothing = inputs[:8]
     _, norm, pixel_weight = output
     ctx.save_for_backward(input, target, norm, pixel_weight, weight)
     ctx.ignore_index = ignore_index
@@ -67,6 +67,6 @@ def uce_backward_formula(backward_op: Callable) -> Callable:
         if ctx.needs_input_grad[0]:
             grad_input = backward_op(grad_loss.float(), input, target, norm, pixel_weight, weight,
                                      ctx.ignore_index, ctx.label_smoothing)
-        return grad_input, None, None, None, None, None, None, None, None
+        return grad_input, None, None, None, None, None, None, None, None, None
 
     return backward

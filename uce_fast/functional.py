@@ -1,7 +1,8 @@
 """Functional U-CE: input validation, backend choice and the reduction, shared by every backend.
 
 Backends compute the per-pixel loss; the reduction happens here, in torch, so it is the same for all
-of them (deterministic, no atomics, no host synchronisation beyond the GPU kernels' label check).
+of them (deterministic, no atomics, no host synchronisation beyond the label check, which
+``check_labels=False`` skips).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from uce_fast._dispatch import (
     FLOAT_DTYPES,
     available_backends,
     check_device,
-    check_labels,
-    check_samples,
+    check_mc_stack,
     check_tensor,
     kernel_ops,
+    label_mask,
     resolve_backend,
 )
 from uce_fast.accumulator import MCAccumulator, MCStats
@@ -40,10 +41,12 @@ def _reduce(
     per_pixel: Tensor,
     target: Tensor,
     weight: Tensor | None,
+    valid: Tensor | None,
     ignore_index: int,
     reduction: str,
     avg_non_ignore: bool,
 ) -> Tensor:
+    """``valid``: the mask of counted pixels, or None for ``target != ignore_index``."""
     if reduction == "none":
         return per_pixel
     total = per_pixel.sum()
@@ -51,7 +54,8 @@ def _reduce(
         return total
     if not avg_non_ignore:
         return total / target.numel()
-    valid = target != ignore_index
+    if valid is None:
+        valid = target != ignore_index
     if weight is None:
         return total / valid.sum()
     class_weight = weight.detach().to(per_pixel.dtype)[torch.where(valid, target, 0)]
@@ -73,6 +77,7 @@ def uce_loss(
     correction: int = 1,
     backend: str = "auto",
     align_corners: bool = False,
+    check_labels: bool = True,
 ) -> Tensor:
     """Uncertainty-aware cross-entropy (U-CE).
 
@@ -104,6 +109,11 @@ def uce_loss(
         correction: standard-deviation divisor offset over the β samples; 1 (unbiased, default).
         backend: "auto" (default), "torch", "cpu", "cuda" or "triton"; see ``available_backends``.
         align_corners: bilinear convention for low-resolution ``samples``; default False.
+        check_labels: raise ``ValueError`` for a label outside [0, C) that is not
+            ``ignore_index`` (default True). On a GPU the check costs one host synchronisation
+            per call; ``False`` skips it for the hot path, and such a label is then treated as
+            ``ignore_index`` (no loss, no gradient, not counted by the mean; never read out of
+            bounds), as during CUDA graph capture, where the check cannot run.
 
     Returns:
         float32 loss (float64 for float64 input on the "torch" backend): a scalar, or the
@@ -130,7 +140,7 @@ def uce_loss(
                 f"on {device}, got shape {samples.shape} on {samples._device}")
         sigma, samples = samples.sigma(correction), None
     elif samples is not None:
-        check_samples(samples, correction)
+        check_mc_stack(samples, correction)
         check_device("samples", samples, device)
         samples = samples.detach()
         if tuple(samples.shape[1:]) != tuple(input.shape):
@@ -166,18 +176,24 @@ def uce_loss(
         raise ValueError(f"alpha must be a finite number, got {alpha}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not isinstance(check_labels, bool):
+        raise TypeError(f"check_labels must be a bool, got {type(check_labels).__name__}")
 
     dtypes = tuple(t.dtype for t in (input, samples, sigma) if t is not None)
     name = resolve_backend(backend, device, dtypes)
+    valid = None
     if name == "torch":
-        check_labels(target, num_classes, ignore_index)
+        valid = label_mask(target, num_classes, ignore_index, check_labels)
         if samples is not None:
             sigma = reference.mc_uncertainty(samples, correction)[0]
         per_pixel = reference.weighted_cross_entropy(
             input, target, reference.uncertainty_weight(sigma, alpha),
             weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            valid=valid,
         )
     else:
+        if not check_labels and reduction == "mean" and avg_non_ignore:
+            valid = label_mask(target, num_classes, ignore_index, False)
         pixels = math.prod(spatial)
         per_pixel = kernel_ops(name).uce_forward(
             input.contiguous().view(batch, num_classes, pixels),
@@ -186,9 +202,9 @@ def uce_loss(
             else samples.contiguous().view(samples.shape[0], batch, num_classes, pixels),
             None if sigma is None else sigma.float().contiguous().view(batch, pixels),
             None if weight is None else weight.float().contiguous(),
-            float(alpha), ignore_index, float(label_smoothing), correction,
+            float(alpha), ignore_index, float(label_smoothing), correction, check_labels,
         ).view(batch, *spatial)
-    return _reduce(per_pixel, target, weight, ignore_index, reduction, avg_non_ignore)
+    return _reduce(per_pixel, target, weight, valid, ignore_index, reduction, avg_non_ignore)
 
 
 def _stack_or_accumulator(samples: Tensor | MCAccumulator, size: tuple[int, int] | None,
@@ -198,7 +214,7 @@ def _stack_or_accumulator(samples: Tensor | MCAccumulator, size: tuple[int, int]
         if size is not None:
             raise ValueError("size must be None for an MCAccumulator (give it to the accumulator)")
         return samples
-    check_samples(samples, correction)
+    check_mc_stack(samples, correction)
     return MCAccumulator._of_stack(samples, size, align_corners, backend)
 
 

@@ -15,8 +15,8 @@ class UCELoss(nn.Module):
 
     Options are those of :func:`uce_fast.uce_loss` (``alpha=10``, ``ignore_index=-100``,
     ``reduction="mean"``, ``weight=None``, ``label_smoothing=0``, ``avg_non_ignore=True``,
-    ``correction=1``, ``backend="auto"``, ``align_corners=False``). ``weight`` is kept as a
-    buffer, so ``.to(device)`` moves it with the module.
+    ``correction=1``, ``backend="auto"``, ``align_corners=False``, ``check_labels=True``).
+    ``weight`` is kept as a buffer, so ``.to(device)`` moves it with the module.
 
     ``forward(input, target, samples=None, *, sigma=None)``: ``input`` (B, C, *spatial) logits,
     ``target`` (B, *spatial) int64, and exactly one of ``samples`` — a stack (β, B, C, *spatial),
@@ -38,6 +38,7 @@ class UCELoss(nn.Module):
         correction: int = 1,
         backend: str = "auto",
         align_corners: bool = False,
+        check_labels: bool = True,
     ) -> None:
         super().__init__()
         self.alpha = alpha
@@ -49,6 +50,7 @@ class UCELoss(nn.Module):
         self.correction = correction
         self.backend = backend
         self.align_corners = align_corners
+        self.check_labels = check_labels
 
     def forward(
         self,
@@ -72,6 +74,7 @@ class UCELoss(nn.Module):
             correction=self.correction,
             backend=self.backend,
             align_corners=self.align_corners,
+            check_labels=self.check_labels,
         )
 
     def extra_repr(self) -> str:

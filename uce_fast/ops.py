@@ -10,12 +10,18 @@ Op contract (all tensors contiguous; N is the product of the spatial dims, 1 whe
 
 ``uce_fast::uce_forward(input (B, C, N), target (B, N) int64, samples (β, B, C, N) | None,
 sigma (B, N) float32 | None, weight (C,) float32 | None, alpha, ignore_index, label_smoothing,
-correction) -> (loss, norm, pixel_weight)``, float32: the weighted per-pixel loss (B, N) (0 where
-ignored), the softmax normaliser of the logits ``norm`` (2, B, N) = ``[max_c x_c; log Σ_c
-exp(x_c - max)]`` (their sum is the log-sum-exp) and ``(1 + sigma) ** alpha`` (B, N).
+correction, check_labels) -> (loss, norm, pixel_weight)``, float32: the weighted per-pixel loss
+(B, N) (0 where ignored), the softmax normaliser of the logits ``norm`` (2, B, N) = ``[max_c x_c;
+log Σ_c exp(x_c - max)]`` (their sum is the log-sum-exp) and ``(1 + sigma) ** alpha`` (B, N).
+With ``samples``, sigma is that of ``mc_reduce`` (below) over the stack, from the same per-pixel
+code, in the same pass. A label outside [0, C) that is not ``ignore_index`` raises
+``ValueError`` when ``check_labels`` (on a GPU: one host synchronisation per call, none while a
+CUDA graph is being captured); without it, such a pixel is treated as ignored (loss 0, gradient 0,
+never read out of bounds).
 
 ``uce_fast::uce_backward(grad_loss (B, N) float32, input, target, norm, pixel_weight, weight,
-ignore_index, label_smoothing) -> grad_input`` (B, C, N) in the dtype of ``input``. The softmax is
+ignore_index, label_smoothing) -> grad_input`` (B, C, N) in the dtype of ``input``; it never checks
+labels (a pixel with an invalid one gets 0 gradient) and never synchronises. The softmax is
 recomputed as ``exp((x - max) - log-sum)``: the two parts are kept apart because a float32
 log-sum-exp of large logits carries their magnitude's rounding error (ulp(1e4) ≈ 1e-3) into every
 probability, while ``x - max`` depends only on the logits' spread — the gradient is as precise for
@@ -26,10 +32,10 @@ Streaming Monte-Carlo statistics. The state of ``count`` samples is ``mean`` and
 float32 — mean and sum of squared deviations (Welford's M2) of the softmax probabilities — and
 ``entropy`` (B, N) float32, the mean of the samples' entropies ``-Σ_c p log p``. ``samples`` is
 (S, B, C, in_h·in_w) float32/float16/bfloat16; N = out_h·out_w. When (in_h, in_w) differs from
-(out_h, out_w) each sample is upsampled on the fly exactly as ``F.interpolate(mode="bilinear",
+(out_h, out_w) each sample is resampled on the fly exactly as ``F.interpolate(mode="bilinear",
 align_corners=align_corners)`` (float32 weights and arithmetic, the value rounded to the samples'
-dtype), see ``source_index`` below; when they are equal it is read as is (any spatial shape,
-flattened, with in_h = out_h = 1).
+dtype; the bilinear source index below); when they are equal it is read as is (any spatial
+shape, flattened, with in_h = out_h = 1).
 
 ``uce_fast::mc_accumulate_(mean!, m2!, entropy!, samples, count, in_h, in_w, out_h, out_w,
 align_corners) -> ()`` folds the S samples, in order, into the state in place: for sample s,
@@ -108,10 +114,12 @@ def uce_forward(
     ignore_index: int,
     label_smoothing: float,
     correction: int,
+    check_labels: bool,
 ) -> Tensor:
     """Per-pixel U-CE loss (B, N) float32 from the compiled op; differentiable w.r.t. ``input``."""
     return torch.ops.uce_fast.uce_forward(
-        input, target, samples, sigma, weight, alpha, ignore_index, label_smoothing, correction
+        input, target, samples, sigma, weight, alpha, ignore_index, label_smoothing, correction,
+        check_labels,
     )[0]
 
 

@@ -211,6 +211,7 @@ def weighted_cross_entropy(
     weight: Tensor | None = None,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Per-pixel cross-entropy, multiplied by a per-pixel weight, with torch's CE options.
 
@@ -221,6 +222,8 @@ def weighted_cross_entropy(
         weight: (C,) class weights as in ``F.cross_entropy``, or None.
         ignore_index: target value that is ignored.
         label_smoothing: ε in [0, 1], as in ``F.cross_entropy``.
+        valid: (B, *spatial) bool mask of the pixels that count; default: label in [0, C) and
+            not ``ignore_index`` (labels outside the range are treated as ignored).
 
     Returns:
         (B, *spatial) per-pixel loss in float32 (float64 for float64 input); exactly 0 where the
@@ -230,7 +233,8 @@ def weighted_cross_entropy(
     """
     dtype = compute_dtype(input)
     num_classes = input.shape[1]
-    valid = target != ignore_index
+    if valid is None:
+        valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
     safe_target = torch.where(valid, target, 0)
     zero = torch.zeros((), dtype=dtype, device=input.device)
     # Ignored pixels contribute exactly 0 to the loss and to the gradient, whatever their logits

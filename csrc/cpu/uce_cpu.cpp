@@ -28,6 +28,7 @@
 
 #include "common/op_checks.h"
 #include "cpu/cpu_common.h"
+#include "cpu/mc_tile.h"
 
 namespace uce_cpu {
 namespace {
@@ -63,20 +64,22 @@ int64_t ce_tile_size(int64_t C) {
   TORCH_CHECK(false, "uce_fast: internal error in label validation");
 }
 
-// Validates a tile of labels and narrows them to int32, -1 for ignored
-// pixels. Vectorised: only a flag is accumulated, the scan for the offending
-// label happens out of line.
+// Narrows a tile of labels to int32, -1 for ignored pixels and for invalid
+// labels (outside [0, C), not ignore_index), which raise when `check`.
+// Vectorised: only a flag is accumulated, the scan for the offending label
+// happens out of line.
 UCE_INLINE void load_labels(const int64_t* __restrict tgt, int T, int64_t C,
-                            int64_t ignore_index, int32_t* __restrict lab) {
+                            int64_t ignore_index, bool check,
+                            int32_t* __restrict lab) {
   int64_t bad = 0;
   for (int t = 0; t < T; ++t) {
     const int64_t l = tgt[t];
+    const bool out = static_cast<uint64_t>(l) >= static_cast<uint64_t>(C);
     const bool ign = l == ignore_index;
-    bad |= static_cast<int64_t>(!ign & (static_cast<uint64_t>(l) >=
-                                        static_cast<uint64_t>(C)));
-    lab[t] = ign ? -1 : static_cast<int32_t>(l);
+    bad |= static_cast<int64_t>(!ign & out);
+    lab[t] = (ign | out) ? -1 : static_cast<int32_t>(l);
   }
-  if (bad != 0) throw_bad_label(tgt, T, C, ignore_index);
+  if (check && bad != 0) throw_bad_label(tgt, T, C, ignore_index);
 }
 
 struct CeConsts {
@@ -85,12 +88,12 @@ struct CeConsts {
   float one_minus_eps;
   float eps_over_c;
   int64_t ignore_index;
+  bool check_labels;  // raise on an invalid label (forward only)
 };
 
 // ---------------------------------------------------------------------------
-// Monte-Carlo statistics of one tile: Welford mean/M2 of softmax(samples)
-// over beta samples, then k = argmax_c mean (first maximum; NaN counts as
-// the maximum, like torch.argmax) and sigma = sqrt(M2[k] / (beta - corr)).
+// Monte-Carlo statistics of one tile: sigma of the beta samples from the
+// per-pixel code of mc_reduce (cpu/mc_tile.h), without the entropy.
 
 template <typename ST>
 struct McTile {
@@ -109,141 +112,22 @@ struct McTile {
   float* m2;
   float* w0;
   float* w1;
+  float* w2;
   int32_t* idx;
   float* xf;  // C x T, widened fp16/bf16 sample rows (unused for fp32)
   // Output for the T pixels.
   float* sigma;
 };
 
-// The tile bodies take their arrays as __restrict parameters (the struct is
-// unpacked by the caller): restrict on function parameters survives inlining
-// as alias information, which the vectoriser needs to avoid run-time alias
-// checks (beyond ~10 it gives up on the loop).
-template <typename ST, int kT>
-UCE_INLINE void mc_tile_impl(
-    const ST* __restrict x0, const ST* next, int next_T, int64_t s_stride,
-    int64_t cs, int T_rt, int C, int beta, float inv_denom,
-    float* __restrict e, float* __restrict mean, float* __restrict m2,
-    float* __restrict mx, float* __restrict inv, int32_t* __restrict idx,
-    float* __restrict xf, float* __restrict sigma) {
-  constexpr bool kWiden = !std::is_same<ST, float>::value;
-  const int T = kT > 0 ? kT : T_rt;
-  for (int s = 0; s < beta; ++s) {
-    const ST* __restrict xs = x0 + s * s_stride;
-    // Rows to prefetch while pass 2 works on L1-resident data: the same
-    // tile of the next sample, or the first sample of the next tile. Each
-    // tile row is only a few cache lines at a large stride, too many
-    // concurrent streams for the hardware prefetchers to follow.
-    const ST* pf = s + 1 < beta ? xs + s_stride : next;
-    const int pf_T = s + 1 < beta ? T : next_T;
-
-    // Pass 1: per-pixel max over classes (the only read from memory).
-    // fp16/bf16 rows are widened once here into xf (C x T fp32) so pass 2
-    // does not pay the conversion a second time; fp32 rows are re-read in
-    // place from L1.
-    for (int t = 0; t < T; ++t) mx[t] = load_f(xs[t]);
-    if constexpr (kWiden) {
-      for (int t = 0; t < T; ++t) xf[t] = mx[t];
-      for (int c = 1; c < C; ++c) {
-        const ST* __restrict row = xs + c * cs;
-        float* __restrict xr = xf + static_cast<int64_t>(c) * T;
-        for (int t = 0; t < T; ++t) {
-          const float v = load_f(row[t]);
-          const float m = mx[t];
-          xr[t] = v;
-          mx[t] = v > m ? v : m;
-        }
-      }
-    } else {
-      for (int c = 1; c < C; ++c) {
-        const ST* __restrict row = xs + c * cs;
-        for (int t = 0; t < T; ++t) {
-          const float v = load_f(row[t]);
-          const float m = mx[t];
-          mx[t] = v > m ? v : m;
-        }
-      }
-    }
-    // Pass 2: e = exp(x - max) and its sum (rows are now in L1).
-    for (int t = 0; t < T; ++t) inv[t] = 0.0f;
-    for (int c = 0; c < C; ++c) {
-      float* __restrict ec = e + static_cast<int64_t>(c) * T;
-      if (pf != nullptr) prefetch_row(pf + c * cs, pf_T);
-      if constexpr (kWiden) {
-        const float* __restrict xr = xf + static_cast<int64_t>(c) * T;
-        for (int t = 0; t < T; ++t) {
-          const float v = uce::fast_expf_nonpos(xr[t] - mx[t]);
-          ec[t] = v;
-          inv[t] += v;
-        }
-      } else {
-        const ST* __restrict row = xs + c * cs;
-        for (int t = 0; t < T; ++t) {
-          const float v = uce::fast_expf_nonpos(load_f(row[t]) - mx[t]);
-          ec[t] = v;
-          inv[t] += v;
-        }
-      }
-    }
-    for (int t = 0; t < T; ++t) inv[t] = 1.0f / inv[t];
-    // Pass 3: Welford update with p = e / sum.
-    if (s == 0) {
-      for (int c = 0; c < C; ++c) {
-        const int64_t o = static_cast<int64_t>(c) * T;
-        for (int t = 0; t < T; ++t) {
-          mean[o + t] = e[o + t] * inv[t];
-          m2[o + t] = 0.0f;
-        }
-      }
-    } else {
-      const float inv_m = 1.0f / static_cast<float>(s + 1);
-      for (int c = 0; c < C; ++c) {
-        const int64_t o = static_cast<int64_t>(c) * T;
-        for (int t = 0; t < T; ++t) {
-          float mu = mean[o + t];
-          float q = m2[o + t];
-          uce::welford_update(e[o + t] * inv[t], inv_m, mu, q);
-          mean[o + t] = mu;
-          m2[o + t] = q;
-        }
-      }
-    }
-  }
-  // Argmax of the mean (strict >, so the first maximum wins); mx / inv are
-  // reused for the best mean and its M2.
-  float* __restrict best = mx;
-  float* __restrict best_m2 = inv;
-  for (int t = 0; t < T; ++t) {
-    best[t] = mean[t];
-    best_m2[t] = m2[t];
-    idx[t] = 0;
-  }
-  for (int c = 1; c < C; ++c) {
-    const int64_t o = static_cast<int64_t>(c) * T;
-    for (int t = 0; t < T; ++t) {
-      // Selects between two loaded values (not `take ? x : a[t]`, which the
-      // compiler turns into a conditional store that SSE2 cannot vectorise).
-      const float v = mean[o + t];
-      const float b = best[t];
-      const float q = m2[o + t];
-      const float bq = best_m2[t];
-      const int32_t bi = idx[t];
-      const bool take = (v > b) | ((v != v) & (b == b));
-      best[t] = take ? v : b;
-      best_m2[t] = take ? q : bq;
-      idx[t] = take ? c : bi;
-    }
-  }
-  for (int t = 0; t < T; ++t) {
-    sigma[t] = uce::welford_std(best_m2[t], inv_denom);
-  }
-}
-
 template <typename ST, int kT>
 UCE_INLINE void mc_tile(const McTile<ST>& a) {
-  mc_tile_impl<ST, kT>(a.x0, a.next, a.next_T, a.s_stride, a.c_stride, a.T,
-                       a.C, a.beta, a.inv_denom, a.e, a.mean, a.m2, a.w0,
-                       a.w1, a.idx, a.xf, a.sigma);
+  mc_stream_impl<ST, kT, false>(a.x0, a.next, a.next_T, a.s_stride,
+                                a.c_stride, a.beta, 0, a.T, a.C, nullptr,
+                                nullptr, a.mean, a.m2, nullptr, a.T, a.e,
+                                a.xf, a.w0, a.w1, a.w2);
+  mc_finalize_impl<kT>(a.mean, a.m2, nullptr, a.T, a.T, a.C, a.inv_denom,
+                       a.w0, a.w1, a.idx, a.sigma, nullptr, nullptr, nullptr,
+                       nullptr, 0);
 }
 
 // ---------------------------------------------------------------------------
@@ -280,11 +164,11 @@ UCE_INLINE void ce_tile_impl(
     const IT* __restrict x0, int64_t cs, const int64_t* __restrict tgt, int T,
     int C, const float* __restrict sigma, float alpha,
     const float* __restrict cw, float S, float ome, float eoc,
-    int64_t ignore_index, float* __restrict mx, float* __restrict sum,
+    int64_t ignore_index, bool check, float* __restrict mx, float* __restrict sum,
     float* __restrict smooth, float* __restrict dt, float* __restrict cwt,
     int32_t* __restrict lab, float* __restrict pw, float* __restrict loss,
     float* __restrict norm_max, float* __restrict norm_log) {
-  load_labels(tgt, T, C, ignore_index, lab);
+  load_labels(tgt, T, C, ignore_index, check, lab);
   if (alpha == 0.0f) {
     for (int t = 0; t < T; ++t) pw[t] = 1.0f;
   } else {
@@ -338,7 +222,8 @@ template <typename IT>
 UCE_INLINE void ce_tile(const CeTile<IT>& a) {
   ce_tile_impl<IT>(a.x0, a.c_stride, a.tgt, a.T, a.C, a.sigma, a.alpha,
                    a.k.cw, a.k.S, a.k.one_minus_eps, a.k.eps_over_c,
-                   a.k.ignore_index, a.mx, a.sum, a.smooth, a.dt, a.cwt,
+                   a.k.ignore_index, a.k.check_labels, a.mx, a.sum,
+                   a.smooth, a.dt, a.cwt,
                    a.lab, a.pw, a.loss, a.norm_max, a.norm_log);
 }
 
@@ -373,7 +258,7 @@ UCE_INLINE void bwd_tile_impl(
     const float* __restrict cw, float S, float ome, float eoc,
     int64_t ignore_index, float* __restrict kh, float* __restrict ks,
     int32_t* __restrict lab) {
-  load_labels(tgt, T, C, ignore_index, lab);
+  load_labels(tgt, T, C, ignore_index, false, lab);
   for (int t = 0; t < T; ++t) {
     const int32_t l = lab[t];
     const float cw_t = cw != nullptr ? cw[l < 0 ? 0 : l] : 1.0f;
@@ -469,7 +354,7 @@ void run_forward(const FwdParams& p) {
     constexpr bool kWiden = !std::is_same<ST, float>::value;
     const int64_t mc_floats =
         has_samples ? (kWiden ? 4 : 3) * Scratch::size_of(C * T) : 0;
-    Scratch scratch(mc_floats + 10 * Scratch::size_of(T));
+    Scratch scratch(mc_floats + 11 * Scratch::size_of(T));
     McTile<ST> m{};
     CeTile<IT> k{};
     if (has_samples) {
@@ -483,6 +368,7 @@ void run_forward(const FwdParams& p) {
       m.m2 = scratch.take(C * T);
       m.w0 = scratch.take(T);
       m.w1 = scratch.take(T);
+      m.w2 = scratch.take(T);
       m.idx = reinterpret_cast<int32_t*>(scratch.take(T));
       m.xf = kWiden ? scratch.take(C * T) : nullptr;
     }
@@ -597,7 +483,8 @@ std::pair<const float*, float> weight_and_sum(
 }
 
 CeConsts make_ce(const std::pair<const float*, float>& w, int64_t C,
-                 double label_smoothing, int64_t ignore_index) {
+                 double label_smoothing, int64_t ignore_index,
+                 bool check_labels) {
   uce_checks::check_label_smoothing(label_smoothing);
   CeConsts k{};
   k.cw = w.first;
@@ -605,6 +492,7 @@ CeConsts make_ce(const std::pair<const float*, float>& w, int64_t C,
   k.one_minus_eps = static_cast<float>(1.0 - label_smoothing);
   k.eps_over_c = static_cast<float>(label_smoothing / static_cast<double>(C));
   k.ignore_index = ignore_index;
+  k.check_labels = check_labels;
   return k;
 }
 
@@ -616,7 +504,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uce_forward_cpu(
     const std::optional<at::Tensor>& samples,
     const std::optional<at::Tensor>& sigma,
     const std::optional<at::Tensor>& weight, double alpha,
-    int64_t ignore_index, double label_smoothing, int64_t correction) {
+    int64_t ignore_index, double label_smoothing, int64_t correction,
+    bool check_labels) {
   uce_checks::check_input(input, on_cpu);
   const at::Device device = input.device();
   const int64_t B = input.size(0);
@@ -629,7 +518,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uce_forward_cpu(
               "uce_fast: exactly one of samples and sigma must be given");
   const CeConsts ce =
       make_ce(weight_and_sum(weight, C, device), C, label_smoothing,
-              ignore_index);
+              ignore_index, check_labels);
 
   FwdParams p;
   p.B = B;
@@ -698,7 +587,7 @@ at::Tensor uce_backward_cpu(const at::Tensor& grad_loss_in,
                            on_cpu);
   const CeConsts ce =
       make_ce(weight_and_sum(weight, C, device), C, label_smoothing,
-              ignore_index);
+              ignore_index, false);
 
   at::Tensor grad_input = at::empty({B, C, N}, input.options());
   if (B * N == 0) return grad_input;
