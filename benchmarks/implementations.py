@@ -14,6 +14,14 @@ def _uce(backend):
         logits, target, stack, ignore_index=255, backend=backend)
 
 
+def _sigma_then_loss(backend):
+    """sigma by its own pass (``predictive_uncertainty``), then the loss from it: two calls
+    instead of the fused forward's one pass."""
+    return lambda logits, target, stack: uce_fast.uce_loss(
+        logits, target, sigma=uce_fast.predictive_uncertainty(stack, backend=backend),
+        ignore_index=255, backend=backend)
+
+
 _COMPILED: dict[str, object] = {}
 
 
@@ -30,6 +38,7 @@ IMPLEMENTATIONS = {
     "fused-cpu": _uce("cpu"),
     "fused-cuda": _uce("cuda"),
     "fused-triton": _uce("triton"),
+    "sigma-then-loss-cpu": _sigma_then_loss("cpu"),
     "torch-backend": _uce("torch"),
     "torch.compile(reference)": _compiled_reference,
     "official-style": official_style_uce,
@@ -38,10 +47,12 @@ IMPLEMENTATIONS = {
 }
 
 #: The backend each implementation needs, where it needs one.
-REQUIRES = {"fused-cpu": "cpu", "fused-cuda": "cuda", "fused-triton": "triton"}
+REQUIRES = {"fused-cpu": "cpu", "sigma-then-loss-cpu": "cpu", "fused-cuda": "cuda",
+            "fused-triton": "triton"}
 
 #: What each suite compares.
-CPU_NAMES = ("fused-cpu", "torch-backend", "official-style", "F.cross_entropy")
+CPU_NAMES = ("fused-cpu", "sigma-then-loss-cpu", "torch-backend", "official-style",
+             "F.cross_entropy")
 CUDA_NAMES = ("fused-triton", "fused-cuda", "torch-backend", "torch.compile(reference)",
               "official-style", "F.cross_entropy")
 

@@ -11,21 +11,25 @@ def _fmt_ms(seconds: float) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: one line per (shape, implementation) with median time, speed-up over the
-    official-code style and peak extra memory as a share of the stack."""
-    lines = ["| shape | implementation | median fwd+bwd (ms) | speed-up vs official-style "
-             "| peak extra memory (MiB) | extra / stack |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    """Markdown: one line per (shape, implementation) with median time, its ratio to a copy of
+    the stack (when the "stack copy" row was measured), speed-up over the official-code style
+    and peak extra memory as a share of the stack."""
+    lines = ["| shape | implementation | median fwd+bwd (ms) | × stack copy "
+             "| speed-up vs official-style | peak extra memory (MiB) | extra / stack |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         group = [r for r in rows if r["shape"] == shape]
         official = next((r["median_s"] for r in group if r["impl"] == "official-style"), None)
+        copy = next((r["median_s"] for r in group if r["impl"] == "stack copy"), None)
         for r in group:
             speedup = f"{official / r['median_s']:.1f}×" if official and "median_s" in r else "—"
+            vs_copy = f"{r['median_s'] / copy:.2f}" if copy and "median_s" in r else "—"
             extra = r.get("extra_bytes")
             mem = f"{extra / 2**20:.1f}" if extra is not None else "—"
             share = f"{extra / r['stack_bytes']:.1%}" if extra is not None else "—"
             median = _fmt_ms(r["median_s"]) if "median_s" in r else "—"
-            lines.append(f"| {shape} | {r['impl']} | {median} | {speedup} | {mem} | {share} |")
+            lines.append(f"| {shape} | {r['impl']} | {median} | {vs_copy} | {speedup} | {mem} "
+                         f"| {share} |")
     return "\n".join(lines)
 
 

@@ -1,4 +1,6 @@
-"""CPU forward+backward of U-CE: fused kernel vs reference vs official-code style vs plain CE.
+"""CPU forward+backward of U-CE: fused kernel vs sigma-then-loss vs reference vs official-code
+style vs plain CE, and a copy of the stack (``dst.copy_(stack)``: reading it once and writing it
+once, the yardstick a single pass over the stack is measured against).
 
 Shape of the brief: β=10, B=2, C=19, 256×256, fp32. Time is the pytest-benchmark median; peak
 memory is the RSS growth of one forward+backward in a fresh subprocess (``peak_rss.py``).
@@ -20,6 +22,7 @@ SHAPE = dict(beta=10, batch=2, classes=19, size=(256, 256))
 SHAPE_ID = "β=10 B=2 C=19 256² fp32"
 NAMES = list(CPU_NAMES)
 ROUNDS = {"official-style": 5, "torch-backend": 5}
+COPY = "stack copy"
 
 
 def _param(name):
@@ -42,6 +45,16 @@ def test_time_forward_backward(benchmark, record, name):
     benchmark.pedantic(step, rounds=ROUNDS.get(name, 20), warmup_rounds=1)
     record("cpu", shape=SHAPE_ID, impl=name, median_s=benchmark.stats.stats.median)
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_time_stack_copy(benchmark, record):
+    torch.manual_seed(0)
+    _, _, stack = make_inputs(SHAPE["beta"], SHAPE["batch"], SHAPE["classes"], SHAPE["size"])
+    dst = torch.empty_like(stack)
+    benchmark.group = f"cpu fwd+bwd {SHAPE_ID}"
+    benchmark.pedantic(dst.copy_, args=(stack,), rounds=20, warmup_rounds=1)
+    record("cpu", shape=SHAPE_ID, impl=COPY, median_s=benchmark.stats.stats.median)
+    assert torch.equal(dst, stack)
 
 
 @pytest.mark.parametrize("name", [_param(n) for n in NAMES])

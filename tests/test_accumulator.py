@@ -49,7 +49,7 @@ def _samples(shape, beta, dtype, device, seed=0, spread=3.0):
 
 def _reference_stats(stack, size=None, align_corners=False, correction=1):
     """The reference on the same values: upsampled as F.interpolate does, two-pass moments."""
-    full = reference.upsample(stack, size, align_corners)
+    full = reference.resample(stack, size, align_corners)
     mean, m2, mean_entropy = reference.mc_moments(full)
     sigma, pred, entropy, mutual_info = reference.mc_finalize(mean, m2, mean_entropy,
                                                               stack.shape[0], correction)
@@ -116,7 +116,7 @@ def test_low_resolution_accumulator_matches_upsampled_stack(backend, dtype, shap
     if dtype == torch.float32:
         direct = F.interpolate(stack.flatten(0, 1), size, mode="bilinear",
                                align_corners=align_corners)
-        assert torch.equal(reference.upsample(stack, size, align_corners).flatten(0, 1), direct)
+        assert torch.equal(reference.resample(stack, size, align_corners).flatten(0, 1), direct)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -297,7 +297,7 @@ def test_loss_with_an_accumulator_equals_the_stack(backend, dtype, resized):
         acc.update(sample)
     options = dict(ignore_index=255, alpha=4.0, backend=backend)
     loss, grad = loss_and_grad(lambda x: uce_fast.uce_loss(x, target, acc, **options), input)
-    full = reference.upsample(stack, size, True)
+    full = reference.resample(stack, size, True)
     ref_loss, ref_grad = loss_and_grad(
         lambda x: uce_fast.uce_loss(x.float(), target, full.float(), ignore_index=255, alpha=4.0,
                                     backend="torch"), input)

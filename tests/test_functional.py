@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import uce_fast
 from uce_fast import reference
+from uce_fast.testing import uce_oracle
 
 BACKENDS = backend_params()
 
@@ -352,6 +353,26 @@ def test_predictive_uncertainty(backend, dtype, shape, correction):
     ref_sigma, ref_pred = reference.mc_uncertainty(samples.double(), correction)
     assert torch.equal(pred.cpu(), ref_pred.cpu())
     assert_close(sigma, ref_sigma.float(), dtype=torch.float32, scale=5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shift", [1e3, 1e4])
+@pytest.mark.parametrize("classes", [19, 150])
+def test_shifted_samples_keep_sigma(backend, shift, classes):
+    """Samples shifted by a large constant (float32 values, ulp(1e4) ≈ 1e-3): each sample's
+    softmax is normalised with its max and sum apart, so sigma and the loss stay float32-exact
+    against float64 on the same values. A single float32 log-sum-exp would carry the shift's
+    rounding (~5e-4) into every probability and miss sigma by ~1e-4 absolute."""
+    device = device_of(backend)
+    input, target, samples = make_case(2, classes, (64,), 10, device=device, seed=5)
+    samples = samples + shift
+    sigma = uce_fast.predictive_uncertainty(samples, backend=backend)
+    loss = uce_fast.uce_loss(input.detach(), target, samples, reduction="none",
+                             backend=backend)
+    ref = uce_oracle(input.cpu(), target.cpu(), samples.cpu(), got_loss=loss.cpu(),
+                     reduction="none")
+    assert_close(sigma.cpu(), ref.sigma.float(), dtype=torch.float32, scale=5, msg="sigma")
+    assert_close(loss.cpu(), ref.loss.float(), dtype=torch.float32, scale=5, msg="loss")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

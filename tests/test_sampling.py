@@ -110,7 +110,7 @@ def test_mc_sample_low_resolution_head():
     torch.manual_seed(2)
     with torch.no_grad(), uce_fast.mc_dropout(model):
         stack = torch.stack([low_res(x) for _ in range(4)])
-    ref = uce_fast.predictive_uncertainty(reference.upsample(stack, (16, 16), True),
+    ref = uce_fast.predictive_uncertainty(reference.resample(stack, (16, 16), True),
                                           backend="torch")
     assert acc.shape == (1, 5, 16, 16)
     assert_close(acc.sigma(), ref)

@@ -163,13 +163,13 @@ class MCAccumulator:
     def _op_sizes(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """(in_size, out_size) for the ops: (h, w) and (H, W) when resampling, else (1, N) twice
         (any spatial shape, flattened)."""
-        if self._resized:
+        if self._resampled:
             return tuple(self._shape[2:]), tuple(self._out_spatial)  # type: ignore[return-value]
         flat = (1, math.prod(self._out_spatial))
         return flat, flat
 
     @property
-    def _resized(self) -> bool:
+    def _resampled(self) -> bool:
         return self._shape is not None and tuple(self._shape[2:]) != self._out_spatial
 
     def _state_nbytes(self) -> int:
@@ -228,7 +228,7 @@ class MCAccumulator:
         sample_nbytes = math.prod(shape) * stack.element_size()
         if self.store == "samples":
             self._keep_samples = True
-        elif self.store == "auto" and self._resized:
+        elif self.store == "auto" and self._resampled:
             planned = self.capacity or 1
             self._keep_samples = planned * sample_nbytes <= self._state_nbytes()
         if self._keep_samples and self.capacity is not None:

@@ -235,7 +235,7 @@ def predictive_uncertainty(
         correction: standard-deviation divisor offset; 1 (unbiased, default).
         backend: "auto" (default), "torch", "cpu", "cuda" or "triton" (for a stack).
         return_prediction: also return the predicted class.
-        size: (H, W) to upsample (β, B, C, h, w) samples to, inside the kernels, as
+        size: (H, W) to resample (β, B, C, h, w) samples to, inside the kernels, as
             ``F.interpolate(mode="bilinear", align_corners=align_corners)``; default None.
         align_corners: bilinear convention with ``size``; default False.
 
@@ -261,7 +261,7 @@ def mc_stats(
     Args:
         samples: (β, B, C, *spatial) logits of β >= 2 stochastic forward passes (float32,
             float16 or bfloat16; float64 on the "torch" backend), or an :class:`MCAccumulator`.
-        size: (H, W) to upsample (β, B, C, h, w) samples to, inside the kernels, as
+        size: (H, W) to resample (β, B, C, h, w) samples to, inside the kernels, as
             ``F.interpolate(mode="bilinear", align_corners=align_corners)``; default None.
         align_corners: bilinear convention with ``size``; default False.
         correction: standard-deviation divisor offset for ``sigma``; 1 (unbiased, default).

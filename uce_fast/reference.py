@@ -19,7 +19,7 @@ __all__ = [
     "mc_uncertainty",
     "merge_moments",
     "uncertainty_weight",
-    "upsample",
+    "resample",
     "weighted_cross_entropy",
 ]
 
@@ -48,8 +48,8 @@ def mc_uncertainty(samples: Tensor, correction: int = 1) -> tuple[Tensor, Tensor
     return _sigma_and_prediction(*_mean_m2(probs), samples.shape[0], correction)
 
 
-def upsample(samples: Tensor, size: tuple[int, int] | None, align_corners: bool) -> Tensor:
-    """Bilinear upsampling of the last two dims, as the kernels do it on the fly.
+def resample(samples: Tensor, size: tuple[int, int] | None, align_corners: bool) -> Tensor:
+    """Bilinear resampling of the last two dims, as the kernels do it on the fly.
 
     ``F.interpolate(mode="bilinear")`` computed in float32 (float64 for float64 samples) and
     rounded back to the dtype of ``samples``: the result a model's own upsampling layer gives in
@@ -158,7 +158,7 @@ def _flat_moments(samples: Tensor, in_size: tuple[int, int], out_size: tuple[int
     """Moments of samples (S, B, C, in_h·in_w), upsampled to out_size, flattened to (…, N)."""
     S, B, C, _ = samples.shape
     if tuple(in_size) != tuple(out_size):
-        samples = upsample(samples.view(S, B, C, *in_size), out_size, align_corners)
+        samples = resample(samples.view(S, B, C, *in_size), out_size, align_corners)
     return mc_moments(samples.reshape(S, B, C, -1))
 
 

@@ -136,7 +136,7 @@ void tile_taps(const AxisTaps& rows, const AxisTaps& cols, int64_t in_w,
 
 // Scalar path for pixels [t0, t1) of one class row.
 template <typename ST>
-UCE_INLINE void interp_taps(const ST* __restrict p, int t0, int t1,
+UCE_INLINE void resample_taps(const ST* __restrict p, int t0, int t1,
                             const int32_t* __restrict o00,
                             const int32_t* __restrict o01,
                             const int32_t* __restrict o10,
@@ -173,17 +173,17 @@ UCE_INLINE void gather_scalar(const Gather<ST>& a) {
   for (int t = 0; t < T; ++t) mx[t] = -std::numeric_limits<float>::infinity();
   for (int c = 0; c < a.C; ++c) {
     float* __restrict xr = a.xf + static_cast<int64_t>(c) * T;
-    interp_taps(a.plane0 + c * a.c_stride, 0, T, a.k.o00, a.k.o01, a.k.o10,
+    resample_taps(a.plane0 + c * a.c_stride, 0, T, a.k.o00, a.k.o01, a.k.o10,
                 a.k.o11, a.k.wx0, a.k.wx1, a.k.wy0, a.k.wy1, xr);
     round_max<ST>(xr, mx, T);
   }
 }
 
-// With a window path: interp(q0, q1, cnt, r0, r1, wx0, wx1, wy0, wy1, out)
+// With a window path: resample(q0, q1, cnt, r0, r1, wx0, wx1, wy0, wy1, out)
 // interpolates V pixels from the 2V-column windows at q0 (row i0y) and q1
 // (row i1y), of which cnt columns lie within the row.
-template <typename ST, int V, typename Interp>
-UCE_INLINE void gather_windows(const Gather<ST>& a, Interp interp) {
+template <typename ST, int V, typename Resample>
+UCE_INLINE void gather_windows(const Gather<ST>& a, Resample resample) {
   const int T = a.T;
   const TileTaps& k = a.k;
   float* __restrict mx = a.mx;
@@ -193,10 +193,10 @@ UCE_INLINE void gather_windows(const Gather<ST>& a, Interp interp) {
     float* __restrict xr = a.xf + static_cast<int64_t>(c) * T;
     for (int t0 = 0, g = 0; t0 < T; t0 += V, ++g) {
       if (k.fast[g]) {
-        interp(p + k.go0[g], p + k.go1[g], k.gcnt[g], k.r0 + t0, k.r1 + t0,
+        resample(p + k.go0[g], p + k.go1[g], k.gcnt[g], k.r0 + t0, k.r1 + t0,
                k.wx0 + t0, k.wx1 + t0, k.gwy0[g], k.gwy1[g], xr + t0);
       } else {
-        interp_taps(p, t0, std::min(t0 + V, T), k.o00, k.o01, k.o10, k.o11,
+        resample_taps(p, t0, std::min(t0 + V, T), k.o00, k.o01, k.o10, k.o11,
                     k.wx0, k.wx1, k.wy0, k.wy1, xr);
       }
     }
@@ -297,7 +297,7 @@ UCE_TARGET_AVX512 UCE_INLINE __m512 load16_avx512(const ST* p, __mmask16 m) {
 }
 
 template <typename ST>
-UCE_TARGET_AVX512 UCE_INLINE void interp16_avx512(
+UCE_TARGET_AVX512 UCE_INLINE void resample16_avx512(
     const ST* q0, const ST* q1, int cnt, const int32_t* r0, const int32_t* r1,
     const float* wx0, const float* wx1, float wy0, float wy1, float* out) {
   const __mmask16 m_lo =
@@ -375,7 +375,7 @@ UCE_TARGET_AVX2 UCE_INLINE __m256 permute16_avx2(__m256 lo, __m256 hi,
 }
 
 template <typename ST>
-UCE_TARGET_AVX2_F16C UCE_INLINE void interp8_avx2(
+UCE_TARGET_AVX2_F16C UCE_INLINE void resample8_avx2(
     const ST* q0, const ST* q1, int cnt, const int32_t* r0, const int32_t* r1,
     const float* wx0, const float* wx1, float wy0, float wy1, float* out) {
   __m256 a_lo, a_hi, b_lo, b_hi;
@@ -423,11 +423,11 @@ UCE_NO_CONTRACT void gather_generic(const Gather<ST>& a) {
 #ifdef UCE_X86
 template <typename ST>
 UCE_TARGET_AVX2_F16C UCE_NO_CONTRACT void gather_avx2(const Gather<ST>& a) {
-  gather_windows<ST, 8>(a, interp8_avx2<ST>);
+  gather_windows<ST, 8>(a, resample8_avx2<ST>);
 }
 template <typename ST>
 UCE_TARGET_AVX512 UCE_NO_CONTRACT void gather_avx512(const Gather<ST>& a) {
-  gather_windows<ST, 16>(a, interp16_avx512<ST>);
+  gather_windows<ST, 16>(a, resample16_avx512<ST>);
 }
 #endif
 
