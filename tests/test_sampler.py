@@ -189,18 +189,18 @@ def test_functional_dropout_follows_the_mode():
 
 def test_a_model_without_dropout_is_refused():
     model = Net(drop="none").train()
-    with pytest.raises(ValueError, match="no active dropout.*sigma = 0"):
+    with pytest.raises(ValueError, match=r"no active dropout.*sigma = 0"):
         MCSampler(model).sample(torch.randn(2, 3, 16, 12), 3)
 
 
 def test_levers_asked_for_where_not_exact_raise():
     model = Net(upsample="none").train()
-    with pytest.raises(ValueError, match="low_res=True is not exact.*does not upsample"):
+    with pytest.raises(ValueError, match=r"low_res=True is not exact.*does not upsample"):
         MCSampler(model, low_res=True).sample(torch.randn(2, 3, 16, 12), 3, size=(16, 12),
                                               align_corners=True)
     model = Net(drop_path=0.5).train()
     model.stem = nn.Sequential(DropPath(0.5), model.stem)
-    with pytest.raises(ValueError, match="shared_prefix=True is not exact.*bernoulli_"):
+    with pytest.raises(ValueError, match=r"shared_prefix=True is not exact.*bernoulli_"):
         MCSampler(model, shared_prefix=True).sample(torch.randn(2, 3, 16, 12), 3)
 
 
@@ -261,5 +261,5 @@ def test_add_dropout_after_each_stage():
     x = torch.randn(1, 3, 8, 8)
     sampler.sample(x, 3)
     assert sampler.levers["shared_prefix"] == "used: conv1, layer1.0"
-    with pytest.raises(ValueError, match="needs stages.*has children"):
+    with pytest.raises(ValueError, match=r"needs stages.*has children"):
         add_dropout(nn.Sequential(nn.Conv2d(3, 3, 1)))
