@@ -126,10 +126,10 @@ def test_update_stack_in_chunks_equals_one_by_one(backend, resized, store):
     device = device_of(backend)
     stack = _samples((2, 19, 6, 10), 7, torch.float32, device, seed=3)
     size = (23, 37) if resized else None
-    one = uce_fast.MCAccumulator(size, backend=backend, store=store)
+    one = uce_fast.MCAccumulator(size, align_corners=False, backend=backend, store=store)
     for sample in stack:
         one.update(sample)
-    chunked = uce_fast.MCAccumulator(size, backend=backend, store=store)
+    chunked = uce_fast.MCAccumulator(size, align_corners=False, backend=backend, store=store)
     for chunk in (stack[:1], stack[1:4], stack[4:]):
         chunked.update_stack(chunk)
     assert chunked.count == one.count == 7
@@ -166,7 +166,7 @@ def test_correction(backend, correction):
 
 def test_float64_on_the_torch_backend():
     stack = _samples((2, 6, 5, 4), 4, torch.float64, "cpu")
-    acc = uce_fast.MCAccumulator((9, 7), backend="torch")
+    acc = uce_fast.MCAccumulator((9, 7), align_corners=False, backend="torch")
     acc.update_stack(stack)
     stats = acc.stats()
     assert stats.sigma.dtype == torch.float64
@@ -180,7 +180,7 @@ def test_auto_store_keeps_low_resolution_samples_then_folds_them():
     float32 planes), then folded into it; the result does not change."""
     stack = _samples((1, 3, 4, 4), 16, torch.float32, "cpu")
     size = (8, 8)  # one sample: 3·16 floats; the state: 7·64 floats, i.e. 9 samples
-    acc = uce_fast.MCAccumulator(size, backend="torch")
+    acc = uce_fast.MCAccumulator(size, align_corners=False, backend="torch")
     state_bytes = (2 * 3 + 1) * 64 * 4
     sizes = []
     for sample in stack:
@@ -189,7 +189,7 @@ def test_auto_store_keeps_low_resolution_samples_then_folds_them():
     assert sizes[:9] == [3 * 16 * 4 * (i + 1) for i in range(9)]
     assert sizes[9:] == [state_bytes] * 7
     _assert_stats(acc.stats(), _reference_stats(stack, size), torch.float32, resized=True)
-    state = uce_fast.MCAccumulator(size, backend="torch", store="state")
+    state = uce_fast.MCAccumulator(size, align_corners=False, backend="torch", store="state")
     state.update(stack[0])
     assert state.nbytes == state_bytes
 
@@ -205,7 +205,7 @@ def test_state_memory_does_not_grow_with_beta():
 
 def test_capacity_preallocates_and_is_enforced():
     stack = _samples((1, 3, 4, 4), 3, torch.float32, "cpu")
-    acc = uce_fast.MCAccumulator((8, 8), backend="torch", capacity=3)
+    acc = uce_fast.MCAccumulator((8, 8), align_corners=False, backend="torch", capacity=3)
     acc.update(stack[0])
     assert acc.nbytes == 3 * 3 * 16 * 4
     acc.update_stack(stack[1:])
@@ -226,7 +226,7 @@ def test_reset_and_reuse():
 
 def test_update_does_not_alias_the_caller_tensor():
     stack = _samples((1, 3, 4, 4), 3, torch.float32, "cpu")
-    acc = uce_fast.MCAccumulator((8, 8), backend="torch", store="samples")
+    acc = uce_fast.MCAccumulator((8, 8), align_corners=False, backend="torch", store="samples")
     for sample in stack.clone():
         acc.update(sample)
         sample.fill_(100.0)  # the caller reuses its buffer

@@ -52,6 +52,18 @@ def test_unchecked_bad_labels_are_ignored(backend, reduction, source):
     assert torch.count_nonzero(grad[1, :, 2, 1]) == 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_resolution_samples_need_align_corners(backend):
+    input, target, _ = make_case(2, 5, (8, 12), 3, device=device_of(backend))
+    low = torch.randn(3, 2, 5, 4, 6, device=input.device)
+    with pytest.raises(ValueError, match=r"at 4x6 are resampled to size=\(8, 12\): give "
+                                         r"align_corners= to match the model's own upsampling"):
+        uce_fast.uce_loss(input, target, low, backend=backend)
+    for ac in (True, False):
+        assert torch.isfinite(uce_fast.uce_loss(input, target, low, align_corners=ac,
+                                                backend=backend))
+
+
 def test_label_check_under_compile_raises():
     input, target, samples = _case("torch")
     target[0, 1, 1] = 7
@@ -78,7 +90,8 @@ def test_check_labels_must_be_a_bool(check_labels):
     (lambda a: a.update(input=a["input"].detach().long()), TypeError, r"input must be float"),
     (lambda a: a.update(input=a["input"].detach()[0, 0, 0]), ValueError, r"input must have"),
     (lambda a: a.update(samples=a["samples"].long()), TypeError, r"samples must be a floating"),
-    (lambda a: a.update(samples=None), ValueError, r"exactly one of samples"),
+    (lambda a: a.update(samples=None), ValueError,
+     r"needs the Monte-Carlo samples.*MCSampler\(model\)\.sample"),
     (lambda a: a.update(sigma=torch.zeros(2, 4, 3)), ValueError, r"exactly one of samples"),
     (lambda a: a.update(samples=None, sigma=torch.zeros(2, 4)), ValueError,
      r"sigma must have shape \(B, \*spatial\) = \(2, 4, 3\)"),

@@ -76,7 +76,10 @@ class MCAccumulator:
             align_corners=align_corners)`` (float32 arithmetic, each operation rounded; the value
             rounded to the sample's dtype). Default None: the
             samples' own spatial shape (any number of spatial dims).
-        align_corners: as in ``F.interpolate``; default False. DeepLabV3+ heads use True.
+        align_corners: as in ``F.interpolate``; required (no default) when samples come at
+            another resolution than ``size``: it must match the model's own upsampling of its
+            logits (smp's and this repository's DeepLabV3+ heads use True, torchvision's models
+            and SegFormer-style losses False). :class:`~uce_fast.MCSampler` passes it itself.
         backend: "auto" (default), "torch", "cpu", "cuda" or "triton", chosen at the first
             update from the samples' device and dtype.
         store: what is kept between updates.
@@ -98,14 +101,15 @@ class MCAccumulator:
         self,
         size: tuple[int, int] | None = None,
         *,
-        align_corners: bool = False,
+        align_corners: bool | None = None,
         backend: str = "auto",
         store: str = "auto",
         capacity: int | None = None,
     ) -> None:
         self.size = _check_size(size)
-        if not isinstance(align_corners, bool):
-            raise TypeError(f"align_corners must be a bool, got {type(align_corners).__name__}")
+        if align_corners is not None and not isinstance(align_corners, bool):
+            raise TypeError(f"align_corners must be a bool (or None at the samples' own "
+                            f"resolution), got {type(align_corners).__name__}")
         if store not in STORES:
             raise ValueError(f"store must be one of {STORES}, got {store!r}")
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
@@ -221,6 +225,12 @@ class MCAccumulator:
             raise ValueError(
                 f"{name} must have two spatial dims (B, C, h, w) to be upsampled to size="
                 f"{self.size}, got shape {tuple(stack.shape[1:])}")
+        if tuple(out) != spatial and self.align_corners is None:
+            raise ValueError(
+                f"{name} at {'x'.join(map(str, spatial))} are resampled to size={self.size}: "
+                f"give align_corners= to match the model's own upsampling of its logits (e.g. "
+                f"True for smp's DeepLabV3+ head, False for torchvision's models); "
+                f"uce_fast.MCSampler passes it itself")
         self.backend = _dispatch.resolve_backend(self._backend_request, stack.device,
                                                  (stack.dtype,))
         self._shape, self._dtype, self._device = shape, stack.dtype, stack.device
@@ -279,7 +289,7 @@ class MCAccumulator:
                            torch.empty((batch, pixels), **opts))
         _dispatch.kernel_ops(self.backend).mc_accumulate_(
             *self._state, self._flat(stack), self._count, *self._op_sizes,
-            self.align_corners)
+            bool(self.align_corners))
         self._count += stack.shape[0]
 
     # ---------------------------------------------------------------------------- results
@@ -302,7 +312,7 @@ class MCAccumulator:
         ops = _dispatch.kernel_ops(self.backend)
         sigma, pred, entropy, mutual_info, mean_probs = ops.mc_reduce(
             None if samples is None else self._flat(samples), *state, self._count,
-            *self._op_sizes, self.align_corners, correction, want_probs,
+            *self._op_sizes, bool(self.align_corners), correction, want_probs,
             want_entropy)
         batch, classes = self._shape[:2]
         maps = (batch, *self._out_spatial)
@@ -335,7 +345,7 @@ class MCAccumulator:
         return MCStats(mean_probs, pred, sigma, entropy, mutual_info)
 
     @classmethod
-    def _of_stack(cls, samples: Tensor, size: tuple[int, int] | None, align_corners: bool,
+    def _of_stack(cls, samples: Tensor, size: tuple[int, int] | None, align_corners: bool | None,
                   backend: str) -> MCAccumulator:
         """An accumulator over a whole stack (β, B, C, *spatial) that keeps it without copying."""
         acc = cls(size, align_corners=align_corners, backend=backend, store="samples")

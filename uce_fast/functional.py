@@ -76,7 +76,7 @@ def uce_loss(
     avg_non_ignore: bool = True,
     correction: int = 1,
     backend: str = "auto",
-    align_corners: bool = False,
+    align_corners: bool | None = None,
     check_labels: bool = True,
 ) -> Tensor:
     """Uncertainty-aware cross-entropy (U-CE).
@@ -108,7 +108,8 @@ def uce_loss(
             official code; False divides by all B·∏spatial pixels (the paper's Algorithm 1).
         correction: standard-deviation divisor offset over the β samples; 1 (unbiased, default).
         backend: "auto" (default), "torch", "cpu", "cuda" or "triton"; see ``available_backends``.
-        align_corners: bilinear convention for low-resolution ``samples``; default False.
+        align_corners: bilinear convention for low-resolution ``samples``, required with
+            them: the model's own (True for smp's DeepLabV3+ head, False for torchvision's).
         check_labels: raise ``ValueError`` for a label outside [0, C) that is not
             ``ignore_index`` (default True). On a GPU the check costs one host synchronisation
             per call; ``False`` skips it for the hot path, and such a label is then treated as
@@ -131,7 +132,13 @@ def uce_loss(
             f"{tuple(input.shape)}, got {tuple(target.shape)}"
         )
     check_device("target", target, device)
-    if (samples is None) == (sigma is None):
+    if samples is None and sigma is None:
+        raise ValueError(
+            "U-CE needs the Monte-Carlo samples of the model: call it as criterion(logits, "
+            "target, samples) with samples = uce_fast.MCSampler(model).sample(inputs, beta=10) "
+            "(an MCAccumulator; or uce_fast.mc_sample, or a (β, B, C, *spatial) stack of β "
+            "passes with dropout on), or give sigma= (B, *spatial)")
+    if samples is not None and sigma is not None:
         raise ValueError("give exactly one of samples (β, B, C, *spatial) and sigma (B, *spatial)")
     if isinstance(samples, MCAccumulator):
         if samples.shape != tuple(input.shape) or samples._device != device:
@@ -208,7 +215,8 @@ def uce_loss(
 
 
 def _stack_or_accumulator(samples: Tensor | MCAccumulator, size: tuple[int, int] | None,
-                          align_corners: bool, backend: str, correction: int) -> MCAccumulator:
+                          align_corners: bool | None, backend: str,
+                          correction: int) -> MCAccumulator:
     """The accumulator to finalise: ``samples`` itself, or one holding a whole stack."""
     if isinstance(samples, MCAccumulator):
         if size is not None:
@@ -225,7 +233,7 @@ def predictive_uncertainty(
     *,
     return_prediction: bool = False,
     size: tuple[int, int] | None = None,
-    align_corners: bool = False,
+    align_corners: bool | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """U-CE's predictive uncertainty of a Monte-Carlo stack or accumulator.
 
@@ -237,7 +245,7 @@ def predictive_uncertainty(
         return_prediction: also return the predicted class.
         size: (H, W) to resample (β, B, C, h, w) samples to, inside the kernels, as
             ``F.interpolate(mode="bilinear", align_corners=align_corners)``; default None.
-        align_corners: bilinear convention with ``size``; default False.
+        align_corners: bilinear convention with ``size``, required when resampling.
 
     Returns:
         sigma (B, *spatial) float32: the standard deviation over samples of the softmax
@@ -252,7 +260,7 @@ def mc_stats(
     samples: Tensor | MCAccumulator,
     *,
     size: tuple[int, int] | None = None,
-    align_corners: bool = False,
+    align_corners: bool | None = None,
     correction: int = 1,
     backend: str = "auto",
 ) -> MCStats:
@@ -263,7 +271,7 @@ def mc_stats(
             float16 or bfloat16; float64 on the "torch" backend), or an :class:`MCAccumulator`.
         size: (H, W) to resample (β, B, C, h, w) samples to, inside the kernels, as
             ``F.interpolate(mode="bilinear", align_corners=align_corners)``; default None.
-        align_corners: bilinear convention with ``size``; default False.
+        align_corners: bilinear convention with ``size``, required when resampling.
         correction: standard-deviation divisor offset for ``sigma``; 1 (unbiased, default).
         backend: "auto" (default), "torch", "cpu", "cuda" or "triton" (for a stack).
 

@@ -15,7 +15,7 @@ class UCELoss(nn.Module):
 
     Options are those of :func:`uce_fast.uce_loss` (``alpha=10``, ``ignore_index=-100``,
     ``reduction="mean"``, ``weight=None``, ``label_smoothing=0``, ``avg_non_ignore=True``,
-    ``correction=1``, ``backend="auto"``, ``align_corners=False``, ``check_labels=True``).
+    ``correction=1``, ``backend="auto"``, ``align_corners=None``, ``check_labels=True``).
     ``weight`` is kept as a buffer, so ``.to(device)`` moves it with the module.
 
     ``forward(input, target, samples=None, *, sigma=None)``: ``input`` (B, C, *spatial) logits,
@@ -37,7 +37,7 @@ class UCELoss(nn.Module):
         avg_non_ignore: bool = True,
         correction: int = 1,
         backend: str = "auto",
-        align_corners: bool = False,
+        align_corners: bool | None = None,
         check_labels: bool = True,
     ) -> None:
         super().__init__()

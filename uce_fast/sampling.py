@@ -133,7 +133,7 @@ def mc_sample(
     per_forward: int = 1,
     accumulator: MCAccumulator | None = None,
     size: tuple[int, int] | None = None,
-    align_corners: bool = False,
+    align_corners: bool | None = None,
     backend: str = "auto",
     forward: Callable[[Tensor], Tensor] | None = None,
     prefix: Callable[[Tensor], Tensor] | None = None,
