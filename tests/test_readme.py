@@ -30,7 +30,7 @@ def test_quick_start_trains_and_draws_exact_cheap_samples():
     images = torch.randn(2, 3, 16, 16)
     labels = torch.randint(0, 5, (2, 16, 16))
     labels[0, 0] = 255
-    losses = [float(namespace["training_step"](model, images, labels, optimizer))
+    losses = [float(namespace["training_step"](model, images, labels, optimizer).detach())
               for _ in range(3)]
     assert all(torch.isfinite(torch.tensor(losses)))
     sampler = namespace["sampler"]
