@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import uce_fast
+from uce_fast import MCSampler, mc_dropout
 from uce_fast.testing import uce_oracle
 
 #: Backends the suite knows; each test parametrised over them skips those not usable here.
@@ -105,3 +106,34 @@ def assert_matches_oracle(loss, grad, input, target, samples, grad_out=None, *, 
     assert_close(grad.cpu(), ref.grad.to(grad.dtype), dtype=grad.dtype, scale=scale,
                  msg="grad vs float64 oracle")
     return ref
+
+
+def plain_passes(model, x, beta, first=None):
+    """``beta`` plain passes under mc_dropout (``first`` as the first when given)."""
+    with torch.no_grad(), mc_dropout(model):
+        outs = [] if first is None else [first.detach()]
+        while len(outs) < beta:
+            outs.append(uce_fast.logits_of(model(x)))
+    return torch.stack(outs)
+
+
+def assert_sampler_exact(model, x, beta=5, steps=2, size=None, align_corners=None, **options):
+    """``steps`` training steps (forward, then ``MCSampler.sample``) against the same forwards
+    and plain passes under the same seed: sigma equal to float32 rounding (the samples are the
+    same; only the resampling of low-resolution ones differs from the model's own by rounding).
+    Returns the sampler."""
+    sampler = MCSampler(model, **options)
+    for step in range(steps):
+        torch.manual_seed(10 + step)
+        logits = uce_fast.logits_of(model(x))
+        acc = sampler.sample(x, beta, size=size, align_corners=align_corners)
+        torch.manual_seed(10 + step)
+        ref_first = uce_fast.logits_of(model(x))
+        stack = plain_passes(model, x, beta, ref_first if sampler.last["train_pass"] else None)
+        if size is not None:
+            stack = uce_fast.reference.resample(stack, size, align_corners)
+        assert acc.count == beta and acc.shape == ((*logits.shape[:2], *size) if size
+                                                   else tuple(logits.shape))
+        want = uce_fast.predictive_uncertainty(stack, backend="torch")
+        torch.testing.assert_close(acc.sigma(), want, rtol=1e-4, atol=2e-6)
+    return sampler

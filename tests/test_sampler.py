@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_sampler_exact, plain_passes
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import uce_fast
-from uce_fast import MCSampler, add_dropout, mc_dropout
+from uce_fast import MCSampler, add_dropout
 
 
 class Counter(TorchFunctionMode):
@@ -82,41 +83,13 @@ class Net(nn.Module):
         return logits
 
 
-def _plain(model, x, beta, first=None):
-    """``beta`` plain passes under mc_dropout (``first`` as the first when given)."""
-    with torch.no_grad(), mc_dropout(model):
-        outs = [] if first is None else [first.detach()]
-        while len(outs) < beta:
-            outs.append(uce_fast.logits_of(model(x)))
-    return torch.stack(outs)
-
-
-def _check_exact(model, x, beta=5, steps=2, size=None, align_corners=None, **options):
-    """Training forward + sampler vs training forward + plain passes, same seed each step."""
-    sampler = MCSampler(model, **options)
-    for step in range(steps):
-        torch.manual_seed(10 + step)
-        logits = uce_fast.logits_of(model(x))
-        acc = sampler.sample(x, beta, size=size, align_corners=align_corners)
-        torch.manual_seed(10 + step)
-        ref_first = uce_fast.logits_of(model(x))
-        stack = _plain(model, x, beta, ref_first if sampler.last["train_pass"] else None)
-        if size is not None:
-            stack = uce_fast.reference.resample(stack, size, align_corners)
-        assert acc.count == beta and acc.shape == ((*logits.shape[:2], *size) if size
-                                                   else tuple(logits.shape))
-        want = uce_fast.predictive_uncertainty(stack, backend="torch")
-        torch.testing.assert_close(acc.sigma(), want, rtol=1e-4, atol=2e-6)
-    return sampler
-
-
 @pytest.mark.parametrize("upsample", ["module", "functional"])
 @pytest.mark.parametrize("align_corners", [True, False])
 @pytest.mark.parametrize("output", ["tensor", "dict", "object", "tuple"])
 def test_levers_found_and_exact(upsample, align_corners, output):
     torch.manual_seed(0)
     model = Net(upsample=upsample, align_corners=align_corners, output=output).train()
-    sampler = _check_exact(model, torch.randn(2, 3, 16, 12))
+    sampler = assert_sampler_exact(model, torch.randn(2, 3, 16, 12))
     assert sampler.levers["shared_prefix"] == "used: stem, stage1, drop_path"
     assert sampler.levers["low_res"] == "used" and sampler.levers["train_pass"] == "used"
     assert sampler._plan.final_interp.align_corners is align_corners
@@ -147,14 +120,14 @@ def test_no_upsampling_in_the_model_needs_size_and_align_corners():
     x = torch.randn(2, 3, 16, 12)
     with pytest.raises(ValueError, match="size needs align_corners"):
         MCSampler(model).sample(x, 3, size=(16, 12))
-    sampler = _check_exact(model, x, size=(16, 12), align_corners=False)
+    sampler = assert_sampler_exact(model, x, size=(16, 12), align_corners=False)
     assert sampler.levers["low_res"].startswith("not used: the model does not upsample")
 
 
 def test_stochastic_depth_ends_the_prefix():
     torch.manual_seed(0)
     model = Net(drop_path=0.2).train()
-    sampler = _check_exact(model, torch.randn(2, 3, 16, 12))
+    sampler = assert_sampler_exact(model, torch.randn(2, 3, 16, 12))
     # DropPath draws random numbers (bernoulli_) inside 'drop_path': nothing after it is cached.
     assert sampler.levers["shared_prefix"] == "used: stem, stage1"
 
@@ -162,7 +135,7 @@ def test_stochastic_depth_ends_the_prefix():
 def test_eval_mode_batch_norm_and_a_mode_change():
     torch.manual_seed(0)
     model = Net().eval()
-    _check_exact(model, torch.randn(2, 3, 16, 12))  # BatchNorm with running statistics
+    assert_sampler_exact(model, torch.randn(2, 3, 16, 12))  # BatchNorm with running statistics
     model.train()
     x = torch.randn(2, 3, 16, 12)
     sampler = MCSampler(model)
@@ -174,14 +147,14 @@ def test_eval_mode_batch_norm_and_a_mode_change():
     acc = sampler.sample(x, 3)
     assert not sampler.last["train_pass"] and "modes" in sampler.last["reuse_refused"]
     torch.manual_seed(5)
-    want = uce_fast.predictive_uncertainty(_plain(model, x, 3), backend="torch")
+    want = uce_fast.predictive_uncertainty(plain_passes(model, x, 3), backend="torch")
     torch.testing.assert_close(acc.sigma(), want, rtol=1e-4, atol=2e-6)
 
 
 def test_functional_dropout_follows_the_mode():
     torch.manual_seed(0)
     model = Net(drop="functional").train()
-    _check_exact(model, torch.randn(2, 3, 16, 12))
+    assert_sampler_exact(model, torch.randn(2, 3, 16, 12))
     model.eval()
     with pytest.raises(ValueError, match=r"training=False \(F\.dropout in .*cannot be switched on"):
         MCSampler(model).sample(torch.randn(2, 3, 16, 12), 3)
@@ -207,7 +180,7 @@ def test_levers_asked_for_where_not_exact_raise():
 def test_levers_off_are_plain_passes():
     torch.manual_seed(0)
     model = Net().train()
-    sampler = _check_exact(model, torch.randn(2, 3, 16, 12), shared_prefix=False,
+    sampler = assert_sampler_exact(model, torch.randn(2, 3, 16, 12), shared_prefix=False,
                            low_res=False, train_pass=False)
     assert set(sampler.levers.values()) == {"off"}
 

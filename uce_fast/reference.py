@@ -18,8 +18,8 @@ __all__ = [
     "mc_reduce",
     "mc_uncertainty",
     "merge_moments",
-    "uncertainty_weight",
     "resample",
+    "uncertainty_weight",
     "weighted_cross_entropy",
 ]
 
