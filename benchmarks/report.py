@@ -124,10 +124,22 @@ def step_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sampler_table(rows: list[dict]) -> str:
+    """Markdown for the sampler suite: per model the median time of the β passes each way and
+    its ratio to β plain passes, with the levers the sampler found."""
+    lines = ["| model | passes | median (ms) | vs β plain passes | levers found |",
+             "| --- | --- | ---: | ---: | --- |"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['impl']} | {_fmt_ms(r['median_s'])} "
+                     f"| {r['median_s'] / r['plain_s']:.2f}× "
+                     f"| {r['levers'] if r['impl'] == 'MCSampler' else ''} |")
+    return "\n".join(lines)
+
+
 def write_suite(directory: Path, suite: str, rows: list[dict], machine: str) -> None:
     merged: dict[tuple, dict] = {}
     for r in rows:  # time and memory of one (shape, impl[, β]) may come from separate tests
-        merged.setdefault((r["shape"], r["impl"], r.get("beta")), {}).update(r)
+        merged.setdefault((r["shape"], r.get("model"), r["impl"], r.get("beta")), {}).update(r)
     rows = list(merged.values())
     (directory / f"{suite}.json").write_text(json.dumps({"machine": machine, "rows": rows},
                                                         indent=2))
@@ -140,6 +152,8 @@ def write_suite(directory: Path, suite: str, rows: list[dict], machine: str) -> 
         png = plot_mc(directory / f"{suite}.json")
         if png is not None:
             body += f"\n\n![{suite}](docs/{png.name})"
+    elif suite.startswith("sampler-"):
+        body = f"Shape: {rows[0]['shape']}\n\n{sampler_table(rows)}" if rows else ""
     elif suite.startswith("step-"):
         body = f"Shape: {rows[0]['shape']}\n\n{step_table(rows)}" if rows else ""
         from plot import plot_steps

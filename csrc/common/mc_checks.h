@@ -40,8 +40,8 @@ inline Geometry check_geometry(int64_t in_h, int64_t in_w, int64_t out_h,
 // samples (S, B, C, in_h * in_w): float32/float16/bfloat16, contiguous;
 // returns S.
 template <typename DeviceCheck>
-int64_t check_samples(const at::Tensor& s, int64_t in_plane,
-                      const DeviceCheck& device_check) {
+int64_t check_stream_samples(const at::Tensor& s, int64_t in_plane,
+                             const DeviceCheck& device_check) {
   device_check(s, "samples");
   const auto t = s.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16,
@@ -111,7 +111,7 @@ Sizes check_accumulate(const at::Tensor& mean, const at::Tensor& m2,
                        const DeviceCheck& device_check) {
   check_state(mean, m2, entropy, geo.N, device_check);
   Sizes z;
-  z.S = check_samples(samples, geo.in_plane, device_check);
+  z.S = check_stream_samples(samples, geo.in_plane, device_check);
   z.B = mean.size(0);
   z.C = mean.size(1);
   check_samples_match(samples, z.B, z.C, geo.in_plane);
@@ -159,7 +159,7 @@ Sizes check_reduce(const std::optional<at::Tensor>& samples,
     z.C = mean->size(1);
   }
   if (in.has_samples) {
-    z.S = check_samples(*samples, geo.in_plane, device_check);
+    z.S = check_stream_samples(*samples, geo.in_plane, device_check);
     if (in.has_state) {
       check_samples_match(*samples, z.B, z.C, geo.in_plane);
     } else {

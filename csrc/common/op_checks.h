@@ -91,8 +91,8 @@ const float* check_weight(const std::optional<at::Tensor>& weight, int64_t C,
 
 // Validates the Monte-Carlo stack and returns beta.
 template <typename OnDevice>
-int64_t check_samples(const at::Tensor& samples, int64_t correction,
-                      const at::Device& device, const OnDevice& on_device) {
+int64_t check_mc_stack(const at::Tensor& samples, int64_t correction,
+                       const at::Device& device, const OnDevice& on_device) {
   check_logits(samples, "samples", device, on_device);
   TORCH_CHECK(samples.dim() == 4,
               "uce_fast: samples must have shape (beta, B, C, N), got ",

@@ -262,14 +262,23 @@ UCE_INLINE void mc_stream_tile(const McStream<ST>& a) {
                      a.mean, a.m2, a.ent, a.ms);
   }
   if (a.S > 0) {
-    mc_stream_impl<ST, kT, true>(a.x0, a.next, a.next_T, a.s_stride, a.c_stride,
-                           a.S, a.count, a.T, a.C, a.gather, a.g, a.mean,
-                           a.m2, a.ent, a.ms, a.e, a.xf, a.w0, a.w1, a.w2);
+    // The C x T buffers of mc_reduce (ms == T) or the state rows (ms == N).
+    if (a.ms == a.T) {
+      mc_stream_impl<ST, kT, true, true>(
+          a.x0, a.next, a.next_T, a.s_stride, a.c_stride, a.S, a.count, a.T,
+          a.C, a.gather, a.g, a.mean, a.m2, a.ent, a.ms, a.e, a.xf, a.w0,
+          a.w1, a.w2);
+    } else {
+      mc_stream_impl<ST, kT, true, false>(
+          a.x0, a.next, a.next_T, a.s_stride, a.c_stride, a.S, a.count, a.T,
+          a.C, a.gather, a.g, a.mean, a.m2, a.ent, a.ms, a.e, a.xf, a.w0,
+          a.w1, a.w2);
+    }
   }
   if (a.sigma != nullptr) {
-    mc_finalize_impl<kT>(a.fin_mean, a.fin_m2, a.fin_ent, a.fin_ms, a.T, a.C,
-                         a.inv_denom, a.w0, a.w1, a.idx, a.sigma, a.pred,
-                         a.h, a.mi, a.probs, a.N);
+    mc_finalize_impl<kT, false>(a.fin_mean, a.fin_m2, a.fin_ent, a.fin_ms,
+                                a.T, a.C, a.inv_denom, a.w0, a.w1, a.idx,
+                                a.sigma, a.pred, a.h, a.mi, a.probs, a.N);
   }
 }
 

@@ -92,8 +92,10 @@ UCE_INLINE void softmax_pass(const float* __restrict x, int64_t xs, int T_rt,
 // Folds samples 0 .. S-1 (sample s at x0 + s * s_stride, class rows cs
 // apart; resampled through `gather` when it is given) into mean / m2 (C rows
 // ms apart) holding `count` samples (0: start afresh) and, with kEntropy,
-// the mean entropy `ent`. e, xf: C x T scratch; mx, inv, hs: T each.
-template <typename ST, int kT, bool kEntropy>
+// the mean entropy `ent`. e, xf: C x T scratch; mx, inv, hs: T each. kDense:
+// the accumulators are C x T buffers (ms == T), whose row offsets are then
+// compile-time multiples for the fixed-width tiles.
+template <typename ST, int kT, bool kEntropy, bool kDense>
 UCE_INLINE void mc_stream_impl(
     const ST* __restrict x0, const ST* next, int next_T, int64_t s_stride,
     int64_t cs, int S, int64_t count, int T_rt, int C, GatherFn<ST> gather,
@@ -103,6 +105,7 @@ UCE_INLINE void mc_stream_impl(
     float* __restrict hs) {
   constexpr bool kWiden = !std::is_same<ST, float>::value;
   const int T = kT > 0 ? kT : T_rt;
+  if constexpr (kDense) ms = T;
   for (int s = 0; s < S; ++s) {
     const ST* __restrict xs = x0 + s * s_stride;
     if (gather != nullptr) {
@@ -210,8 +213,8 @@ UCE_INLINE void mc_load_impl(const float* __restrict in_mean,
 
 // pred = first argmax of the mean (NaN counts as the maximum; pred may be
 // nullptr), sigma from its M2; optionally H(mean), the mutual information
-// and the mean itself.
-template <int kT>
+// and the mean itself. kDense: as mc_stream_impl's (ms == T).
+template <int kT, bool kDense>
 UCE_INLINE void mc_finalize_impl(
     const float* __restrict mean, const float* __restrict m2,
     const float* __restrict ent, int64_t ms, int T_rt, int C,
@@ -220,6 +223,7 @@ UCE_INLINE void mc_finalize_impl(
     int64_t* __restrict pred, float* __restrict h, float* __restrict mi,
     float* __restrict probs, int64_t ps) {
   const int T = kT > 0 ? kT : T_rt;
+  if constexpr (kDense) ms = T;
   for (int t = 0; t < T; ++t) {
     best[t] = mean[t];
     best_m2[t] = m2[t];

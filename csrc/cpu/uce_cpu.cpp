@@ -121,11 +121,11 @@ struct McTile {
 
 template <typename ST, int kT>
 UCE_INLINE void mc_tile(const McTile<ST>& a) {
-  mc_stream_impl<ST, kT, false>(a.x0, a.next, a.next_T, a.s_stride,
+  mc_stream_impl<ST, kT, false, true>(a.x0, a.next, a.next_T, a.s_stride,
                                 a.c_stride, a.beta, 0, a.T, a.C, nullptr,
                                 nullptr, a.mean, a.m2, nullptr, a.T, a.e,
                                 a.xf, a.w0, a.w1, a.w2);
-  mc_finalize_impl<kT>(a.mean, a.m2, nullptr, a.T, a.T, a.C, a.inv_denom,
+  mc_finalize_impl<kT, true>(a.mean, a.m2, nullptr, a.T, a.T, a.C, a.inv_denom,
                        a.w0, a.w1, a.idx, a.sigma, nullptr, nullptr, nullptr,
                        nullptr, 0);
 }
@@ -531,7 +531,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uce_forward_cpu(
   at::ScalarType st = at::kFloat;
   if (has_samples) {
     const at::Tensor& s = *samples;
-    p.beta = uce_checks::check_samples(s, correction, device, on_cpu);
+    p.beta = uce_checks::check_mc_stack(s, correction, device, on_cpu);
     TORCH_CHECK(s.size(1) == B && s.size(2) == C && s.size(3) == N,
                 "uce_fast: samples must have shape (beta, ", B, ", ", C, ", ",
                 N, ") to match input, got ", s.sizes());
