@@ -1,10 +1,13 @@
 """What is specific to the CUDA kernels: the 16-byte vector path against the scalar path (aligned,
 misaligned and odd pixel counts), the register-tile buckets and the class-chunked path (with its
-shared-memory and global-scratch variants), label errors read back from the device, CUDA graph
-capture, streams, and tensors over 2^31 elements. Everything runs the ops directly on the
-(B, C, N) contract and compares with the reference on the same values."""
+shared-memory and global-scratch variants), the fused forward's sigma against mc_reduce's, label
+errors read back from the device (one host synchronisation per checked forward, none otherwise),
+CUDA graph capture, streams, and tensors over 2^31 elements. Everything runs the ops directly on
+the (B, C, N) contract and compares with the reference on the same values."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -77,7 +80,7 @@ def _check_all_ops(input, target, samples, *, weight=None, alpha=3.0, ignore_ind
     samples, against the reference."""
     grad_loss = torch.rand(target.shape, device=input.device) + 0.5
     loss, norm, pixel_weight = OPS.uce_forward(input, target, samples, sigma, weight, alpha,
-                                              ignore_index, eps, correction)
+                                              ignore_index, eps, correction, True)
     grad = OPS.uce_backward(grad_loss, input, target, norm, pixel_weight, weight, ignore_index,
                             eps)
     ref = _expected(input, target, samples, sigma, weight, alpha, ignore_index, eps, correction,
@@ -154,13 +157,36 @@ def test_many_tiles_per_row_and_batch():
     _check_all_ops(input, target, samples)
 
 
-def test_results_are_deterministic():
-    input, target, samples = _problem(2, 150, 513, 4, dtype=torch.float16)
-    weight = torch.rand(150, device="cuda")
-    first = OPS.uce_forward(input, target, samples, None, weight, 10.0, -100, 0.1, 1)
-    second = OPS.uce_forward(input, target, samples, None, weight, 10.0, -100, 0.1, 1)
-    for a, b in zip(first, second, strict=True):
-        assert torch.equal(a, b)
+def _bits(t):
+    """The float32 tensor's bit patterns: equal exactly when the values are, NaNs included."""
+    return t.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("sample_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("classes", "beta"), [(3, 5), (19, 10), (40, 6), (150, 10), (150, 40)])
+@pytest.mark.parametrize("pixels", [4096, 1001])
+def test_fused_sigma_is_mc_reduce_sigma(sample_dtype, classes, beta, pixels):
+    """The fused forward takes sigma from the kernels of mc_reduce (the same device functions in
+    the same order): given mc_reduce's sigma of the same stack, the CE-only forward returns the
+    fused forward's loss, norm and pixel weight bit for bit. Exact ties between the two best
+    classes (the first maximum wins) and a NaN sample are included."""
+    input, target, samples = _problem(2, classes, pixels, beta, sample_dtype=sample_dtype,
+                                      seed=classes + beta)
+    samples[:, :, 1] = samples[:, :, 0]
+    samples[:, :, :2, :64] = 10.0           # pixels 0 .. 63: classes 0 and 1 tie as the best
+    samples[1, 0, classes - 1, 100] = float("nan")
+    weight = torch.rand(classes, device="cuda") + 0.5
+    for correction in (0, 1):
+        fused = OPS.uce_forward(input, target, samples, None, weight, 10.0, -100, 0.1,
+                                correction, True)
+        sigma, pred, *_ = OPS.mc_reduce(samples, None, None, None, 0, 1, pixels, 1, pixels,
+                                        False, correction, False, False)
+        given = OPS.uce_forward(input, target, None, sigma, weight, 10.0, -100, 0.1, correction,
+                                True)
+        for name, a, b in zip(("loss", "norm", "pixel_weight"), fused, given, strict=True):
+            assert torch.equal(_bits(a), _bits(b)), name
+        assert torch.equal(pred[:, :64].cpu(), torch.zeros(2, 64, dtype=torch.int64))
+        assert torch.isnan(sigma[0, 100]).item()
 
 
 # ---------------------------------------------------------------- non-finite values
@@ -177,9 +203,9 @@ def test_non_finite_values_match_cpu_kernels(classes, fill):
     input[0, 1, 5] = fill               # one logit
     input[0, :, 6] = fill               # every logit of a pixel
     for eps in (0.0, 0.1):
-        got = OPS.uce_forward(input, target, samples, None, None, 2.0, -100, eps, 1)
+        got = OPS.uce_forward(input, target, samples, None, None, 2.0, -100, eps, 1, True)
         want = OPS.uce_forward(input.cpu(), target.cpu(), samples.cpu(), None, None, 2.0, -100,
-                               eps, 1)
+                               eps, 1, True)
         for name, a, b in zip(("loss", "norm", "pixel_weight"), got, want, strict=True):
             assert_close(a.cpu(), b, scale=5, msg=name)
     sig, pred = _sigma_pred(samples, 1)
@@ -205,29 +231,78 @@ def test_leading_minus_inf_classes_are_zero_probability():
 # ---------------------------------------------------------------- labels and gradients
 
 
-@pytest.mark.parametrize("classes", [5, 150])
-@pytest.mark.parametrize("with_samples", [True, False], ids=["samples", "sigma"])
-def test_bad_labels_raise_first_in_memory_order(classes, with_samples):
-    input, target, samples = _problem(2, classes, 40, 3, ignore_frac=0.0)
+def _syncs(fn):
+    """fn()'s result and the number of host synchronisations it made through torch's
+    synchronising copies (counted by torch's sync debug mode)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return out, sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+
+
+def _bad_labels(classes, with_samples):
+    """A problem with bad labels: (input, target, args (samples, sigma), bad mask); the first
+    bad label in memory order is -7 at pixel (0, 39)."""
+    input, target, samples = _problem(2, classes, 40, 3, ignore_frac=0.1)
     target[1, 3] = classes
     target[0, 39] = -7           # the first bad label in memory order
     target[1, 0] = 2**40
     sigma = torch.rand(target.shape, device="cuda")
     args = (samples, None) if with_samples else (None, sigma)
+    bad = (target != -100) & ((target < 0) | (target >= classes))
+    return input, target, args, bad
+
+
+@pytest.mark.parametrize("classes", [5, 150])
+@pytest.mark.parametrize("with_samples", [True, False], ids=["samples", "sigma"])
+def test_bad_labels_raise_first_in_memory_order(classes, with_samples):
+    """check_labels=True: the first bad label in memory order is named, after one host
+    synchronisation; the context stays usable (no device assert)."""
+    input, target, args, _ = _bad_labels(classes, with_samples)
     pattern = rf"target contains label -7, outside \[0, {classes}\) and not ignore_index \(-100\)"
     with pytest.raises(ValueError, match=pattern):
-        OPS.uce_forward(input, target, *args, None, 2.0, -100, 0.0, 1)
-    target_ok = target.clone()
-    target_ok[target_ok >= classes] = 0
-    target_ok[target_ok < 0] = 0
-    _, norm, pixel_weight = OPS.uce_forward(input, target_ok, *args, None, 2.0, -100, 0.0, 1)
-    grad_loss = torch.ones(target.shape, device="cuda")
-    with pytest.raises(ValueError, match=pattern):
-        OPS.uce_backward(grad_loss, input, target, norm, pixel_weight, None, -100, 0.0)
-    # The context is intact: no device assert was hit.
+        OPS.uce_forward(input, target, *args, None, 2.0, -100, 0.0, 1, True)
     torch.cuda.synchronize()
-    loss = OPS.uce_forward(input, target_ok, *args, None, 2.0, -100, 0.0, 1)[0]
+    target_ok = target.clamp(0, classes - 1)
+    loss = OPS.uce_forward(input, target_ok, *args, None, 2.0, -100, 0.0, 1, True)[0]
     assert torch.isfinite(loss).all()
+
+
+@pytest.mark.parametrize("classes", [5, 150])
+@pytest.mark.parametrize("with_samples", [True, False], ids=["samples", "sigma"])
+def test_unchecked_bad_labels_are_ignored_pixels_without_a_sync(classes, with_samples):
+    """check_labels=False: no error and no host synchronisation; a bad label's pixel has loss 0
+    and gradient 0 for every class, and all outputs equal those with the bad labels replaced by
+    ignore_index. The backward never checks and never synchronises, and the checked forward
+    synchronises exactly once."""
+    input, target, args, bad = _bad_labels(classes, with_samples)
+    grad_loss = torch.rand(target.shape, device="cuda") + 0.5
+    weight = torch.rand(classes, device="cuda") + 0.5
+
+    def run(t, check):
+        loss, norm, pw = OPS.uce_forward(input, t, *args, weight, 2.0, -100, 0.1, 1, check)
+        return loss, norm, pw
+
+    got, n = _syncs(lambda: run(target, False))
+    assert n == 0
+    grad, n = _syncs(lambda: OPS.uce_backward(grad_loss, input, target, got[1], got[2], weight,
+                                              -100, 0.1))
+    assert n == 0
+    assert torch.count_nonzero(got[0][bad]) == 0
+    assert torch.count_nonzero(grad.transpose(0, 1)[:, bad]) == 0
+    ignored = target.masked_fill(bad, -100)
+    want, n = _syncs(lambda: run(ignored, True))
+    assert n == 1
+    want_grad = OPS.uce_backward(grad_loss, input, ignored, want[1], want[2], weight, -100, 0.1)
+    for name, a, b in zip(("loss", "norm", "pixel_weight", "grad"), (*got, grad),
+                          (*want, want_grad), strict=True):
+        assert torch.equal(a, b), name
+    _check_all_ops(input, ignored, args[0], sigma=args[1], weight=weight)
 
 
 def test_ignore_index_inside_class_range():
@@ -236,17 +311,27 @@ def test_ignore_index_inside_class_range():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_ignored_pixels_get_exact_zero_grad_under_inf_upstream(dtype):
+@pytest.mark.parametrize("upstream", [float("inf"), float("-inf"), float("nan")], ids=str)
+def test_ignored_pixels_get_exact_zero_grad_under_non_finite_upstream(dtype, upstream):
+    """A non-finite upstream gradient on the ignored pixels gives them exactly 0 for every
+    class, as the reference (whose ignored pixels are a select of constants); every other
+    pixel gets the reference's gradient, and no entry anywhere is non-finite."""
     input, target, samples = _problem(2, 19, 64, 3, dtype=dtype, ignore_index=255)
     weight = torch.rand(19, device="cuda") + 0.5
     _, norm, pixel_weight = OPS.uce_forward(input, target, samples, None, weight, 10.0, 255, 0.1,
-                                           1)
-    grad_loss = torch.rand(target.shape, device="cuda")
-    grad_loss[target == 255] = float("inf")
-    grad = OPS.uce_backward(grad_loss, input, target, norm, pixel_weight, weight, 255, 0.1)
-    ignored = (target == 255).unsqueeze(1).expand_as(grad)
-    assert torch.count_nonzero(grad[ignored]) == 0
-    assert torch.isfinite(grad[~ignored]).all()
+                                           1, True)
+    ignored = target == 255
+    assert 0 < ignored.sum() < ignored.numel()
+    grad_loss = torch.rand(target.shape, device="cuda") + 0.5
+    grad_loss[ignored] = upstream
+    grad = OPS.uce_backward(grad_loss, input, target, norm, pixel_weight, weight, 255,
+                            0.1).cpu()
+    ref = _expected(input, target, samples, None, weight, 10.0, 255, 0.1, 1, grad_loss)[3]
+    per_class = ignored.cpu().unsqueeze(1).expand_as(grad)
+    assert torch.equal(ref[per_class], torch.zeros_like(ref[per_class])), "reference"
+    assert torch.equal(grad[per_class], torch.zeros_like(grad[per_class]))
+    assert torch.isfinite(ref).all() and torch.isfinite(grad).all()
+    assert_close(grad, ref, scale=5, msg="grad")
 
 
 # ---------------------------------------------------------------- streams, devices, graphs
@@ -257,7 +342,7 @@ def test_runs_on_the_current_stream():
     with torch.cuda.stream(stream):
         input, target, samples = _problem(2, 19, 1000, 3)
         loss, norm, pixel_weight = OPS.uce_forward(input, target, samples, None, None, 3.0, -100,
-                                                  0.0, 1)
+                                                  0.0, 1, True)
         grad = OPS.uce_backward(torch.ones_like(norm), input, target, norm, pixel_weight, None,
                                 -100, 0.0)
     stream.synchronize()
@@ -277,23 +362,26 @@ def test_second_device():
 def test_tensors_on_different_devices_are_rejected():
     input, target, samples = _problem(2, 5, 16, 3)
     with pytest.raises(RuntimeError, match="target must be a CUDA tensor"):
-        OPS.uce_forward(input, target.cpu(), samples, None, None, 2.0, -100, 0.0, 1)
+        OPS.uce_forward(input, target.cpu(), samples, None, None, 2.0, -100, 0.0, 1, True)
     with pytest.raises(RuntimeError, match="samples must be a CUDA tensor"):
-        OPS.uce_forward(input, target, samples.cpu(), None, None, 2.0, -100, 0.0, 1)
+        OPS.uce_forward(input, target, samples.cpu(), None, None, 2.0, -100, 0.0, 1, True)
 
 
-def test_cuda_graph_capture_and_replay():
+@pytest.mark.parametrize("check_labels", [True, False])
+def test_cuda_graph_capture_and_replay(check_labels):
     """The label read-back synchronises, which graph capture forbids: it is skipped while the
-    stream is capturing, so the op can be captured (after an eager warm-up that checks)."""
+    stream is capturing, so the op can be captured (after an eager warm-up that checks); without
+    label checks there is nothing to skip."""
     input, target, samples = _problem(2, 19, 256, 3)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        eager = OPS.uce_forward(input, target, samples, None, None, 3.0, -100, 0.1, 1)
+        eager = OPS.uce_forward(input, target, samples, None, None, 3.0, -100, 0.1, 1, True)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = OPS.uce_forward(input, target, samples, None, None, 3.0, -100, 0.1, 1)
+        captured = OPS.uce_forward(input, target, samples, None, None, 3.0, -100, 0.1, 1,
+                                   check_labels)
     graph.replay()
     torch.cuda.synchronize()
     for a, b in zip(captured, eager, strict=True):
@@ -329,14 +417,14 @@ def test_more_than_2_pow_31_elements(classes, vector):
                                          generator=gen)
     target = torch.randint(0, classes, (1, pixels), device="cuda", generator=gen)
     loss, norm, pixel_weight = OPS.uce_forward(input, target, samples, None, None, 10.0, -100,
-                                              0.1, 1)
+                                              0.1, 1, True)
     grad_loss = torch.ones_like(loss)
     grad = OPS.uce_backward(grad_loss, input, target, norm, pixel_weight, None, -100, 0.1)
     sigma, pred = _sigma_pred(samples, 1)
     for part in (slice(0, 1000), slice(pixels - 1000, pixels)):
         x, s, t = (input[..., part].contiguous(), samples[..., part].contiguous(),
                    target[..., part].contiguous())
-        small = OPS.uce_forward(x, t, s, None, None, 10.0, -100, 0.1, 1)
+        small = OPS.uce_forward(x, t, s, None, None, 10.0, -100, 0.1, 1, True)
         assert_close(loss[..., part], small[0], msg="loss")
         assert_close(norm[..., part], small[1], msg="norm")
         small_grad = OPS.uce_backward(torch.ones_like(small[0]), x, t, small[1], small[2], None,

@@ -1,7 +1,7 @@
 // Fused forward (Monte-Carlo statistics + weighted CE) for f32 logits and
 // every samples dtype: each instantiation compiles all register buckets, both
 // access modes and the class-chunked path.
-#include "cuda/uce_kernels.cuh"
+#include "cuda/mc_kernels.cuh"
 
 namespace uce_cuda {
 namespace detail {

@@ -4,8 +4,8 @@
 // (uce_cuda.cpp, mc_cuda.cpp) and by the host build of the kernels in
 // tests/cuda_host, so that both drive the launchers with the same structs.
 // The callers add the device guard, the stream, the scratch (sized for the
-// current device, so allocated after selecting it), the launch and the
-// read-back of invalid labels.
+// current device, so allocated after selecting it), the launch and, for a
+// forward with label checks, the read-back of invalid labels.
 //
 // `on_device(tensor, name, device)` is the caller's device check: it raises
 // unless `tensor` is on `device`, the device of the op's first tensor.
@@ -28,7 +28,7 @@ namespace uce_cuda_glue {
 using uce_checks::check_f32_bn;
 using uce_checks::check_input;
 using uce_checks::check_label_smoothing;
-using uce_checks::check_samples;
+using uce_checks::check_mc_stack;
 using uce_checks::check_target;
 using uce_checks::check_weight;
 
@@ -80,14 +80,27 @@ inline void raise_bad_label(int64_t label, int64_t C, int64_t ignore_index) {
 // ---------------------------------------------------------------------------
 // uce_forward / uce_backward.
 
+// The checked input (B, C, N): its device and sizes.
+struct InputDims {
+  at::Device device;
+  int64_t B, C, N;
+};
+
+template <typename OnDevice>
+InputDims checked_input(const at::Tensor& input, const OnDevice& on_device) {
+  check_input(input, on_device);
+  return {input.device(), input.size(0), input.size(1), input.size(2)};
+}
+
 struct Forward {
   uce_cuda::ForwardArgs args;
   at::Tensor loss, norm, pixel_weight;  // float32 (B, N), (2, B, N), (B, N)
-  // (1,) int64 preset to kNoBadPixel, for the kernels' atomicMin; undefined
-  // when there is nothing to launch (B * N == 0).
+  // (1,) int64 preset to kNoBadPixel, for the kernels' atomicMin, when the
+  // labels are checked and there is something to launch; else undefined
+  // (and args.bad_pixel nullptr): nothing to read back.
   at::Tensor bad_pixel;
+  bool launch = false;  // false: nothing to compute (B * N == 0)
 
-  bool launch() const { return bad_pixel.defined(); }
   std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs() const {
     return {loss, norm, pixel_weight};
   }
@@ -99,12 +112,9 @@ Forward prepare_forward(const at::Tensor& input, const at::Tensor& target,
                         const std::optional<at::Tensor>& sigma,
                         const std::optional<at::Tensor>& weight, double alpha,
                         int64_t ignore_index, double label_smoothing,
-                        int64_t correction, const OnDevice& on_device) {
-  check_input(input, on_device);
-  const at::Device device = input.device();
-  const int64_t B = input.size(0);
-  const int64_t C = input.size(1);
-  const int64_t N = input.size(2);
+                        int64_t correction, bool check_labels,
+                        const OnDevice& on_device) {
+  const auto [device, B, C, N] = checked_input(input, on_device);
   check_target(target, B, N, device, on_device);
   const bool has_samples = samples.has_value() && samples->defined();
   const bool has_sigma = sigma.has_value() && sigma->defined();
@@ -128,7 +138,7 @@ Forward prepare_forward(const at::Tensor& input, const at::Tensor& target,
   a.ignore_index = ignore_index;
   if (has_samples) {
     const at::Tensor& s = *samples;
-    a.beta = check_samples(s, correction, device, on_device);
+    a.beta = check_mc_stack(s, correction, device, on_device);
     TORCH_CHECK(s.size(1) == B && s.size(2) == C && s.size(3) == N,
                 "uce_fast: samples must have shape (beta, ", B, ", ", C, ", ",
                 N, ") to match input, got ", s.sizes());
@@ -146,22 +156,25 @@ Forward prepare_forward(const at::Tensor& input, const at::Tensor& target,
   f.norm = at::empty({2, B, N}, opts);
   f.pixel_weight = at::empty({B, N}, opts);
   if (B * N == 0) return f;
+  f.launch = true;
   a.loss = f.loss.data_ptr<float>();
   a.norm_max = f.norm.data_ptr<float>();
   a.norm_log = a.norm_max + B * N;
   a.pixel_weight = f.pixel_weight.data_ptr<float>();
-  f.bad_pixel = at::full({1}, kNoBadPixel, target.options());
-  a.bad_pixel = reinterpret_cast<long long*>(f.bad_pixel.data_ptr<int64_t>());
+  if (check_labels) {
+    f.bad_pixel = at::full({1}, kNoBadPixel, target.options());
+    a.bad_pixel =
+        reinterpret_cast<long long*>(f.bad_pixel.data_ptr<int64_t>());
+  }
   return f;
 }
 
+// Labels are not checked in the backward (nothing to read back).
 struct Backward {
   uce_cuda::BackwardArgs args;
   at::Tensor grad_loss;   // contiguous copy or the caller's tensor
   at::Tensor grad_input;  // (B, C, N), dtype of input
-  at::Tensor bad_pixel;   // as in Forward
-
-  bool launch() const { return bad_pixel.defined(); }
+  bool launch = false;    // false: nothing to compute (B * N == 0)
 };
 
 template <typename OnDevice>
@@ -172,11 +185,7 @@ Backward prepare_backward(const at::Tensor& grad_loss_in,
                           const std::optional<at::Tensor>& weight,
                           int64_t ignore_index, double label_smoothing,
                           const OnDevice& on_device) {
-  check_input(input, on_device);
-  const at::Device device = input.device();
-  const int64_t B = input.size(0);
-  const int64_t C = input.size(1);
-  const int64_t N = input.size(2);
+  const auto [device, B, C, N] = checked_input(input, on_device);
   on_device(grad_loss_in, "grad_loss", device);
   Backward g;
   // May arrive expanded (zero strides) from a mean/sum reduction.
@@ -190,6 +199,7 @@ Backward prepare_backward(const at::Tensor& grad_loss_in,
 
   g.grad_input = at::empty({B, C, N}, input.options());
   if (B * N == 0) return g;
+  g.launch = true;
 
   uce_cuda::BackwardArgs& a = g.args;
   a.B = B;
@@ -207,8 +217,6 @@ Backward prepare_backward(const at::Tensor& grad_loss_in,
   a.eps_over_c = static_cast<float>(label_smoothing / static_cast<double>(C));
   a.ignore_index = ignore_index;
   a.grad_input = g.grad_input.data_ptr();
-  g.bad_pixel = at::full({1}, kNoBadPixel, target.options());
-  a.bad_pixel = reinterpret_cast<long long*>(g.bad_pixel.data_ptr<int64_t>());
   return g;
 }
 

@@ -1,9 +1,9 @@
 // Torch-facing glue of the CUDA kernels: the device check, device guard and
-// current stream, the scratch, the read-back of invalid labels, and the CUDA
-// registration of the ops. Argument checks, launcher arguments and outputs
-// are in op_args.h (shared with mc_cuda.cpp and the host build of the
-// kernels); the kernels themselves (csrc/cuda/*.cu) see only raw pointers and
-// sizes.
+// current stream, the scratch, the read-back of invalid labels (checked
+// forward only), and the CUDA registration of the ops. Argument checks,
+// launcher arguments and outputs are in op_args.h (shared with mc_cuda.cpp
+// and the host build of the kernels); the kernels themselves
+// (csrc/cuda/*.cu) see only raw pointers and sizes.
 //
 // Built only against a CUDA build of torch (setup.py adds csrc/cuda/ then).
 #include <ATen/ATen.h>
@@ -28,15 +28,18 @@ namespace {
 // Invalid labels.
 //
 // The kernels never read out of bounds with a label and never trap (a device
-// assert would leave the CUDA context unusable); they record the lowest flat
-// pixel index with an invalid label in a one-element int64 device buffer,
-// preset to kNoBadPixel. After the launch the glue copies those 8 bytes
-// back on the current stream and raises the same ValueError as the other
-// backends. That copy synchronises the host with the stream once per call of
-// uce_forward / uce_backward: the price of a raised error instead of silent
-// garbage for bad labels. While the stream is being captured into a CUDA graph
-// a synchronising copy is not allowed, so the check is skipped there (the
-// kernels still clamp; graph warm-up runs, which are not captured, check).
+// assert would leave the CUDA context unusable): a label outside [0, C) that
+// is not ignore_index makes its pixel an ignored one. With check_labels the
+// forward also records the lowest flat pixel index with an invalid label in a
+// one-element int64 device buffer, preset to kNoBadPixel; after the launch
+// the glue copies those 8 bytes back on the current stream and raises the
+// same ValueError as the other backends. That copy synchronises the host with
+// the stream, once per checked forward: the price of a raised error instead
+// of a silently ignored pixel. While the stream is being captured into a CUDA
+// graph a synchronising copy is not allowed, so the check is skipped there
+// (graph warm-up runs, which are not captured, check). Without check_labels
+// no buffer is allocated and nothing synchronises; uce_backward never checks
+// (an invalid label there gives 0 gradient, as its forward gave 0 loss).
 
 void raise_if_bad_label(const at::Tensor& bad_pixel, const at::Tensor& target,
                         int64_t C, int64_t ignore_index, cudaStream_t stream) {
@@ -61,17 +64,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uce_forward_cuda(
     const std::optional<at::Tensor>& samples,
     const std::optional<at::Tensor>& sigma,
     const std::optional<at::Tensor>& weight, double alpha,
-    int64_t ignore_index, double label_smoothing, int64_t correction) {
-  const Forward f =
-      prepare_forward(input, target, samples, sigma, weight, alpha,
-                      ignore_index, label_smoothing, correction, check_cuda);
-  if (!f.launch()) return f.outputs();
+    int64_t ignore_index, double label_smoothing, int64_t correction,
+    bool check_labels) {
+  const Forward f = prepare_forward(input, target, samples, sigma, weight,
+                                    alpha, ignore_index, label_smoothing,
+                                    correction, check_labels, check_cuda);
+  if (!f.launch) return f.outputs();
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor scratch =
       scratch_tensor(uce_cuda::forward_scratch_floats(f.args), input);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   C10_CUDA_CHECK(uce_cuda::forward(f.args, float_ptr(scratch), stream));
-  raise_if_bad_label(f.bad_pixel, target, f.args.C, ignore_index, stream);
+  if (f.bad_pixel.defined()) {
+    raise_if_bad_label(f.bad_pixel, target, f.args.C, ignore_index, stream);
+  }
   return f.outputs();
 }
 
@@ -84,11 +90,10 @@ at::Tensor uce_backward_cuda(const at::Tensor& grad_loss,
   const Backward g =
       prepare_backward(grad_loss, input, target, norm, pixel_weight, weight,
                        ignore_index, label_smoothing, check_cuda);
-  if (!g.launch()) return g.grad_input;
+  if (!g.launch) return g.grad_input;
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   C10_CUDA_CHECK(uce_cuda::backward(g.args, stream));
-  raise_if_bad_label(g.bad_pixel, target, g.args.C, ignore_index, stream);
   return g.grad_input;
 }
 

@@ -42,7 +42,9 @@ struct ForwardArgs {
   int64_t ignore_index = -100;
   // Lowest flat pixel index (b * N + n) whose label is neither in [0, C) nor
   // ignore_index. One int64 in device memory, preset to INT64_MAX by the
-  // caller; kernels lower it with atomicMin and never read out of bounds.
+  // caller; kernels lower it with atomicMin. nullptr: labels are not checked.
+  // Either way such a pixel is treated as ignored and its label never used
+  // as an index.
   long long* bad_pixel = nullptr;
 
   // Outputs, (B, N) each: loss, pixel weight and the softmax normaliser of
@@ -66,9 +68,10 @@ struct BackwardArgs {
   const float* weight = nullptr;
   float one_minus_eps = 1.0f;
   float eps_over_c = 0.0f;
+  // Labels are not checked: a pixel whose label is neither in [0, C) nor
+  // ignore_index gets 0 gradient, like an ignored one.
   int64_t ignore_index = -100;
-  long long* bad_pixel = nullptr;  // as in ForwardArgs
-  void* grad_input = nullptr;      // (B, C, N), dtype of input
+  void* grad_input = nullptr;  // (B, C, N), dtype of input
 };
 
 // Floats of device scratch that forward() needs for these arguments: 0 except

@@ -21,6 +21,11 @@
 // Every kernel computes in fp32 and reuses the shared per-pixel math of
 // common/uce_math.h (Welford step, std, pixel weight, label-smoothed loss and
 // gradient), so the CPU and CUDA backends implement one formula.
+//
+// This file: the tiling, element access, the weighted CE of a tile
+// (ce_pixels), the CE-only forward and the backward. The Monte-Carlo
+// statistics, and with them the fused forward (whose epilogue is ce_pixels),
+// are in mc_kernels.cuh.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -40,13 +45,6 @@ namespace detail {
 // ---------------------------------------------------------------------------
 // Launch geometry.
 
-// Register-tile Monte-Carlo kernel: 128 threads. Its per-thread state is
-// 3 * CM * V fp32 registers (Welford mean and M2 per class and pixel, plus
-// the current sample's row): 96 for every bucket up to CM = 32, about 130
-// registers per thread in all, so four 128-thread blocks stay resident per
-// SM; each thread keeps C independent loads in flight per sample, which is
-// what hides the HBM latency here.
-constexpr int kRegThreads = 128;
 // CE-only forward and backward: little per-pixel state, 256 threads each
 // owning 16 bytes of pixels per class row.
 constexpr int kCeThreads = 256;
@@ -291,10 +289,12 @@ __device__ __forceinline__ float class_weight_sum(const float* __restrict__ cw,
 }
 
 // Label of pixel q as int32, -1 for ignored and masked pixels. A label
-// outside [0, C) that is not ignore_index is recorded (lowest pixel index
-// wins, so the error names the first one in memory order, like the other
-// backends) and treated as ignored, so nothing is gathered with it; the op
-// raises after the launch.
+// outside [0, C) that is not ignore_index is treated as ignored, so nothing
+// is gathered with it, and, when bad_pixel is given (the forward with label
+// checks), recorded there: the lowest pixel index wins, so the error the op
+// raises after the launch names the first one in memory order, like the
+// other backends. bad_pixel == nullptr records nothing (no atomic, no
+// read-back).
 __device__ __forceinline__ int32_t load_label(const int64_t* __restrict__ tgt,
                                               int64_t q, bool valid, int64_t C,
                                               int64_t ignore_index,
@@ -308,145 +308,6 @@ __device__ __forceinline__ int32_t load_label(const int64_t* __restrict__ tgt,
     return -1;
   }
   return static_cast<int32_t>(l);
-}
-
-// Welford state of the per-pixel running argmax over class means: strict >,
-// so the first maximum wins; NaN counts as the maximum (first NaN wins), like
-// torch.argmax and the CPU kernels.
-__device__ __forceinline__ bool argmax_takes(float v, float best) {
-  return (v > best) || (v != v && best == best);
-}
-
-// Running argmax over the class means of the thread's V pixels, carrying the
-// winning class's M2 and index. Classes are stepped in order, from class 0
-// (which always takes).
-template <int V>
-struct ArgMax {
-  float mean[V] = {};
-  float m2[V] = {};
-  int32_t cls[V] = {};
-
-  __device__ __forceinline__ void step(int c, const float (&mean_c)[V],
-                                       const float (&m2_c)[V]) {
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const bool take = c == 0 || argmax_takes(mean_c[v], mean[v]);
-      mean[v] = take ? mean_c[v] : mean[v];
-      m2[v] = take ? m2_c[v] : m2[v];
-      cls[v] = take ? c : cls[v];
-    }
-  }
-};
-
-// Loads the class rows c0 .. c0 + K - 1 of a sample into x through
-// load(c, row); rows at or past C are set to 0 and never read.
-template <int K, int V, typename LoadRow>
-__device__ __forceinline__ void load_rows(int c0, int C, const LoadRow& load,
-                                          float (&x)[K][V]) {
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    if (c0 + k < C) {
-      load(c0 + k, x[k]);
-    } else {
-#pragma unroll
-      for (int v = 0; v < V; ++v) x[k][v] = 0.0f;
-    }
-  }
-}
-
-// Folds one sample, all of whose C <= CM class rows are in registers, into
-// the per-class Welford mean / M2 (1 / k = inv_k for the k-th sample):
-// x becomes exp(x - max) and p = x / sum is folded. Also returns the sum and
-// the entropy sum sum_c e_c (x_c - max) (see uce::entropy_term); callers
-// without an entropy leave it unused. x - max <= 0; NaN when every class is
-// -inf (or any is NaN or +inf), which propagates to the pixel as in the
-// reference.
-template <int CM, int V>
-__device__ __forceinline__ void fold_sample(int C, float (&x)[CM][V],
-                                            float inv_k, float (&mean)[CM][V],
-                                            float (&m2)[CM][V],
-                                            float (&sum)[V], float (&te)[V]) {
-  float mx[V];
-#pragma unroll
-  for (int v = 0; v < V; ++v) mx[v] = x[0][v];
-#pragma unroll
-  for (int c = 1; c < CM; ++c) {
-    if (c < C) {
-#pragma unroll
-      for (int v = 0; v < V; ++v) mx[v] = x[c][v] > mx[v] ? x[c][v] : mx[v];
-    }
-  }
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
-    sum[v] = 0.0f;
-    te[v] = 0.0f;
-  }
-#pragma unroll
-  for (int c = 0; c < CM; ++c) {
-    if (c < C) {
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        // A class at -inf below a finite max has e = 0 and adds 0 (not
-        // 0 * -inf) to the entropy sum.
-        const float d = x[c][v] - mx[v];
-        const float e = exp_f(d);
-        x[c][v] = e;
-        sum[v] += e;
-        te[v] += uce::entropy_term(e, d);
-      }
-    }
-  }
-  float inv[V];
-#pragma unroll
-  for (int v = 0; v < V; ++v) inv[v] = 1.0f / sum[v];
-#pragma unroll
-  for (int c = 0; c < CM; ++c) {
-    if (c < C) {
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        uce::welford_update(x[c][v] * inv[v], inv_k, mean[c][v], m2[c][v]);
-      }
-    }
-  }
-}
-
-// Pass 1 of the class-chunked kernels for one sample: the softmax
-// normalisers (max m, sum l of exp(x - m)) of the thread's V pixels from one
-// read of the C class rows through load(c, row), with an online max and one
-// exp per element: a new maximum rescales the sum by exp(m - r), otherwise
-// exp(r - m) is added. r == m gives exactly 1 without subtracting, which
-// also covers -inf == -inf (no -inf - -inf NaN from leading -inf classes).
-template <int V, typename LoadRow>
-__device__ __forceinline__ void online_normalisers(int C, const LoadRow& load,
-                                                   float (&m)[V],
-                                                   float (&l)[V]) {
-  const float kInf = __int_as_float(0x7f800000);
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
-    m[v] = -kInf;
-    l[v] = 0.0f;
-  }
-#pragma unroll 4
-  for (int c = 0; c < C; ++c) {
-    float r[V];
-    load(c, r);
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const bool up = r[v] > m[v];
-      const float d = up ? m[v] - r[v] : r[v] - m[v];
-      const float e = r[v] == m[v] ? 1.0f : exp_f(d);
-      l[v] = up ? fmaf(l[v], e, 1.0f) : l[v] + e;
-      m[v] = up ? r[v] : m[v];
-    }
-  }
-}
-
-// Element offset of pixel v of this thread in row `row` of a class-chunked
-// kernel's per-block statistics (rows of P = blockDim.x * V floats):
-// thread-private slots v * threads + tid, conflict-free and needing no
-// barrier.
-__device__ __forceinline__ int64_t stat_slot(int64_t row, int v) {
-  return row + v * static_cast<int64_t>(blockDim.x) + threadIdx.x;
 }
 
 // ---------------------------------------------------------------------------
@@ -528,182 +389,6 @@ __device__ __forceinline__ void ce_pixels(const ForwardArgs& a,
 
 // The fused forward's end: the CE weighted by sigma, the std of the predicted
 // class's probability (from the M2 the argmax carried).
-template <DType IT, int V, bool kVec>
-__device__ __forceinline__ void ce_with_sigma(const ForwardArgs& a,
-                                              const Pixels<V>& px, float S,
-                                              const ArgMax<V>& best) {
-  float sigma[V];
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
-    sigma[v] = uce::welford_std(best.m2[v], a.inv_denom);
-  }
-  ce_pixels<IT, V, kVec>(a, px, S, sigma);
-}
-
-// ---------------------------------------------------------------------------
-// Monte-Carlo pass, register tiles (C <= CM <= 64), then the CE.
-//
-// Reads the stack exactly once. Per sample, the thread loads all C class
-// values of its V pixels into registers (C independent loads in flight), takes
-// the max, replaces them by exp(x - max) and their sum, and folds
-// p = e / sum into per-class Welford mean / M2 that stay in registers for
-// all beta samples. The class loops are unrolled to CM with a runtime
-// `c < C` guard, so the arrays are register-allocated; CM is a bucket
-// (4, 8, 16, 32, 64) and V shrinks as CM grows (8, 4, 2, 1, 1) to keep
-// 3 * CM * V at 96 registers (CM = 64 needs 192, about 220 in all: fewer
-// resident warps, but 64 loads in flight per thread).
-//
-// The first Welford step (s = 0, inv_m = 1) from mean = M2 = 0 gives exactly
-// mean = p, M2 = 0 for finite p, as the CPU kernel's explicit initialisation
-// does (a NaN p makes the pixel NaN either way from the second sample on).
-
-template <DType IT, DType ST, int CM, int V, bool kVec>
-__global__ void __launch_bounds__(kRegThreads)
-    mc_register_kernel(const ForwardArgs a, int64_t tiles) {
-  __shared__ float s_wsum;
-  const float S = class_weight_sum(a.weight, a.C, &s_wsum);
-
-  const ElemT<ST>* __restrict__ samples =
-      static_cast<const ElemT<ST>*>(a.samples);
-  const int C = static_cast<int>(a.C);
-  const int64_t N = a.N;
-  const int64_t CN = a.C * a.N;
-  const int64_t total = a.B * a.N;
-  const int64_t s_stride = a.B * CN;
-  const int beta = static_cast<int>(a.beta);
-
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    Pixels<V> px;
-    tile_pixels<V, kVec>(px, tile, total, N, CN);
-
-    float mean[CM][V] = {}, m2[CM][V] = {};
-
-    for (int s = 0; s < beta; ++s) {
-      const ElemT<ST>* __restrict__ xs = samples + s * s_stride;
-      float x[CM][V], sum[V], te[V];
-      load_rows<CM, V>(0, C, [&](int c, float (&row)[V]) {
-        load_row<ST, V, kVec>(xs, px, static_cast<int64_t>(c) * N, row);
-      }, x);
-      fold_sample<CM, V>(C, x, 1.0f / static_cast<float>(s + 1), mean, m2,
-                         sum, te);
-    }
-
-    ArgMax<V> best;
-#pragma unroll
-    for (int c = 0; c < CM; ++c) {
-      if (c == 0 || c < C) best.step(c, mean[c], m2[c]);  // C >= 1
-    }
-    ce_with_sigma<IT, V, kVec>(a, px, S, best);
-  }
-}
-
-// ---------------------------------------------------------------------------
-// Monte-Carlo pass, class chunks (C > 64): exact for any C, then the CE.
-//
-// Pass 1, per sample: one read of the C class values with an online max and
-// sum of exp (online_normalisers), giving each sample's softmax normalisers
-// (max, 1/sum) for the thread's pixels. They are kept in dynamic shared
-// memory (2 * beta * P floats in thread-private slots, see stat_slot), or,
-// when that exceeds the 48 KiB default (beta > 23), in a global scratch
-// slice per block.
-// Pass 2, per chunk of K classes: Welford over the samples of
-// p = exp(x - max_s) / sum_s for the K classes (registers), then the running
-// argmax of the mean over the chunk's classes in class order.
-// The stack is read twice (per-block working set of a sample row, P * C
-// elements, is too large at these C to stay cached between the passes); the
-// per-pixel state is independent of C.
-//
-// V = 4 pixels per thread (16-byte fp32 loads, 8-byte fp16/bf16 loads) and
-// K = 8 classes per chunk: 2 * K * V = 64 Welford registers plus K * V = 32
-// loads in flight per sample (about 140-160 registers per thread in all);
-// 64 threads keep the shared memory per block at 2 KiB per sample.
-
-template <DType IT, DType ST, bool kVec>
-__global__ void __launch_bounds__(kChunkThreads)
-    mc_chunked_kernel(const ForwardArgs a, int64_t tiles,
-                      float* __restrict__ gnorm) {
-  constexpr int V = kChunkPixels;
-  constexpr int K = kChunkClasses;
-  UCE_DYNAMIC_SHARED(float, s_norm);
-  __shared__ float s_wsum;
-  const float S = class_weight_sum(a.weight, a.C, &s_wsum);
-
-  const ElemT<ST>* __restrict__ samples =
-      static_cast<const ElemT<ST>*>(a.samples);
-  const int C = static_cast<int>(a.C);
-  const int64_t N = a.N;
-  const int64_t CN = a.C * a.N;
-  const int64_t total = a.B * a.N;
-  const int64_t s_stride = a.B * CN;
-  const int beta = static_cast<int>(a.beta);
-  const int64_t P = static_cast<int64_t>(blockDim.x) * V;
-  float* __restrict__ norm =
-      gnorm != nullptr ? gnorm + static_cast<int64_t>(blockIdx.x) * 2 * beta * P
-                       : s_norm;
-  const float kInf = __int_as_float(0x7f800000);
-  const float kNaN = __int_as_float(0x7fc00000);
-
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    Pixels<V> px;
-    tile_pixels<V, kVec>(px, tile, total, N, CN);
-
-    // Pass 1: normalisers of every sample, rows (max, 1/sum) of P floats.
-    for (int s = 0; s < beta; ++s) {
-      const ElemT<ST>* __restrict__ xs = samples + s * s_stride;
-      float m[V], l[V];
-      online_normalisers<V>(C, [&](int c, float (&row)[V]) {
-        load_row<ST, V, kVec>(xs, px, static_cast<int64_t>(c) * N, row);
-      }, m, l);
-      const int64_t row = 2 * static_cast<int64_t>(s) * P;
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        const int64_t slot = stat_slot(row, v);
-        norm[slot] = m[v];
-        // A +inf max makes every probability NaN (exp(inf - inf) in the
-        // reference's sum); NaN and all -inf reach NaN through l and pass 2.
-        norm[slot + P] = 1.0f / (m[v] == kInf ? kNaN : l[v]);
-      }
-    }
-
-    // Pass 2: Welford over the samples, K classes at a time.
-    ArgMax<V> best;
-    for (int c0 = 0; c0 < C; c0 += K) {
-      float mean[K][V] = {}, m2[K][V] = {};
-      for (int s = 0; s < beta; ++s) {
-        const ElemT<ST>* __restrict__ xs = samples + s * s_stride;
-        float x[K][V];
-        load_rows<K, V>(c0, C, [&](int c, float (&row)[V]) {
-          load_row<ST, V, kVec>(xs, px, static_cast<int64_t>(c) * N, row);
-        }, x);
-        float ms[V], is[V];
-        const int64_t row = 2 * static_cast<int64_t>(s) * P;
-#pragma unroll
-        for (int v = 0; v < V; ++v) {
-          const int64_t slot = stat_slot(row, v);
-          ms[v] = norm[slot];
-          is[v] = norm[slot + P];
-        }
-        const float inv_m = 1.0f / static_cast<float>(s + 1);
-#pragma unroll
-        for (int k = 0; k < K; ++k) {
-          if (c0 + k < C) {
-#pragma unroll
-            for (int v = 0; v < V; ++v) {
-              const float p = exp_f(x[k][v] - ms[v]) * is[v];
-              uce::welford_update(p, inv_m, mean[k][v], m2[k][v]);
-            }
-          }
-        }
-      }
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        if (c0 + k < C) best.step(c0 + k, mean[k], m2[k]);
-      }
-    }
-    ce_with_sigma<IT, V, kVec>(a, px, S, best);
-  }
-}
-
 // ---------------------------------------------------------------------------
 // uce_forward with sigma given: the CE alone, V = 16 bytes of pixels.
 
@@ -731,7 +416,9 @@ __global__ void __launch_bounds__(kCeThreads)
 // Backward: grad_input[b, c, n] from the saved norm and pixel weight; every
 // element read once and written once (16-byte loads and stores in vector
 // mode). Ignored (and invalid-label) pixels get exactly 0 by a select, even
-// when grad_loss is inf there.
+// when grad_loss is inf there. Labels are not checked here (no bad-pixel
+// buffer, so no read-back after the launch): an invalid one can only come
+// from a forward run without checks, which gave that pixel 0 loss.
 
 template <DType IT, bool kVec>
 __global__ void __launch_bounds__(kBwdThreads)
@@ -755,7 +442,7 @@ __global__ void __launch_bounds__(kBwdThreads)
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       lab[v] = load_label(a.target, px.q[v], px.valid[v], a.C, a.ignore_index,
-                          a.bad_pixel);
+                          nullptr);
       kh[v] = 0.0f;
       ks[v] = 0.0f;
       mx[v] = 0.0f;
@@ -795,76 +482,6 @@ __global__ void __launch_bounds__(kBwdThreads)
 
 // ---------------------------------------------------------------------------
 // Launchers.
-
-// The register buckets: classes up to CM kept in registers, V pixels per
-// thread. f(Bucket<CM, V>{}) is called for the smallest bucket holding
-// C <= kRegisterMaxClasses.
-template <int kCM, int kV>
-struct Bucket {
-  static constexpr int CM = kCM;
-  static constexpr int V = kV;
-};
-
-template <typename F>
-cudaError_t with_register_bucket(int64_t C, const F& f) {
-  if (C <= 4) return f(Bucket<4, 8>{});
-  if (C <= 8) return f(Bucket<8, 4>{});
-  if (C <= 16) return f(Bucket<16, 2>{});
-  if (C <= 32) return f(Bucket<32, 1>{});
-  static_assert(kRegisterMaxClasses == 64, "register buckets end at 64");
-  return f(Bucket<64, 1>{});
-}
-
-template <DType IT, DType ST, int CM, int V>
-cudaError_t launch_register_bucket(const ForwardArgs& a, cudaStream_t stream) {
-  const int64_t tiles =
-      ceil_div(a.B * a.N, static_cast<int64_t>(kRegThreads) * V);
-  const dim3 grid(static_cast<unsigned int>(grid_for(tiles)));
-  if constexpr (V > 1) {
-    if (can_vectorise<ST, V>(a.samples, a.N) &&
-        can_vectorise<IT, V>(a.input, a.N)) {
-      UCE_LAUNCH(grid, kRegThreads, 0, stream,
-                 mc_register_kernel<IT, ST, CM, V, true>)(a, tiles);
-      return cudaGetLastError();
-    }
-  }
-  UCE_LAUNCH(grid, kRegThreads, 0, stream,
-             mc_register_kernel<IT, ST, CM, V, false>)(a, tiles);
-  return cudaGetLastError();
-}
-
-template <DType IT, DType ST>
-cudaError_t launch_chunked(const ForwardArgs& a, float* scratch,
-                           cudaStream_t stream) {
-  const ChunkPlan plan = chunk_plan(a);
-  float* gnorm = nullptr;
-  if (plan.scratch_floats > 0) {
-    if (scratch == nullptr) return cudaErrorInvalidValue;
-    gnorm = scratch;
-  }
-  const dim3 grid(static_cast<unsigned int>(plan.grid));
-  if (can_vectorise<ST, kChunkPixels>(a.samples, a.N) &&
-      can_vectorise<IT, kChunkPixels>(a.input, a.N)) {
-    UCE_LAUNCH(grid, kChunkThreads, plan.smem_bytes, stream,
-               mc_chunked_kernel<IT, ST, true>)(a, plan.tiles, gnorm);
-  } else {
-    UCE_LAUNCH(grid, kChunkThreads, plan.smem_bytes, stream,
-               mc_chunked_kernel<IT, ST, false>)(a, plan.tiles, gnorm);
-  }
-  return cudaGetLastError();
-}
-
-template <DType IT, DType ST>
-cudaError_t launch_fused(const ForwardArgs& a, float* scratch,
-                         cudaStream_t stream) {
-  if (a.C > kRegisterMaxClasses) {
-    return launch_chunked<IT, ST>(a, scratch, stream);
-  }
-  return with_register_bucket(a.C, [&](auto b) {
-    using B = decltype(b);
-    return launch_register_bucket<IT, ST, B::CM, B::V>(a, stream);
-  });
-}
 
 template <DType IT>
 cudaError_t launch_ce(const ForwardArgs& a, cudaStream_t stream) {

@@ -53,7 +53,8 @@ at::Tensor poisoned_scratch(int64_t floats, const at::Tensor& like) {
   return s;
 }
 
-// The read-back of uce_cuda.cpp, without the device copy.
+// The read-back of uce_cuda.cpp (checked forward only), without the device
+// copy.
 void raise_if_bad_label(const at::Tensor& bad_pixel, const at::Tensor& target,
                         int64_t C, int64_t ignore_index) {
   const int64_t pixel = bad_pixel.item<int64_t>();
@@ -66,17 +67,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uce_forward(
     const std::optional<at::Tensor>& samples,
     const std::optional<at::Tensor>& sigma,
     const std::optional<at::Tensor>& weight, double alpha,
-    int64_t ignore_index, double label_smoothing, int64_t correction) {
-  const Forward f =
-      prepare_forward(input, target, samples, sigma, weight, alpha,
-                      ignore_index, label_smoothing, correction, check_cpu);
-  if (!f.launch()) return f.outputs();
+    int64_t ignore_index, double label_smoothing, int64_t correction,
+    bool check_labels) {
+  const Forward f = prepare_forward(input, target, samples, sigma, weight,
+                                    alpha, ignore_index, label_smoothing,
+                                    correction, check_labels, check_cpu);
+  TORCH_CHECK(f.bad_pixel.defined() == (check_labels && f.launch),
+              "uce_fast (CUDA kernels on the host): a bad-pixel buffer must "
+              "exist exactly for a checked forward with pixels");
+  TORCH_CHECK((f.args.bad_pixel != nullptr) == f.bad_pixel.defined(),
+              "uce_fast (CUDA kernels on the host): args.bad_pixel must point "
+              "at the bad-pixel buffer");
+  if (!f.launch) return f.outputs();
   for (const at::Tensor& t : {f.loss, f.norm, f.pixel_weight}) poison(t);
   const at::Tensor scratch =
       poisoned_scratch(uce_cuda::forward_scratch_floats(f.args), input);
   check_launch(uce_cuda::forward(f.args, float_ptr(scratch), nullptr),
                "uce_forward");
-  raise_if_bad_label(f.bad_pixel, target, f.args.C, ignore_index);
+  if (f.bad_pixel.defined()) {
+    raise_if_bad_label(f.bad_pixel, target, f.args.C, ignore_index);
+  }
   return f.outputs();
 }
 
@@ -88,10 +98,9 @@ at::Tensor uce_backward(const at::Tensor& grad_loss, const at::Tensor& input,
   const Backward g =
       prepare_backward(grad_loss, input, target, norm, pixel_weight, weight,
                        ignore_index, label_smoothing, check_cpu);
-  if (!g.launch()) return g.grad_input;
+  if (!g.launch) return g.grad_input;
   poison(g.grad_input);
   check_launch(uce_cuda::backward(g.args, nullptr), "uce_backward");
-  raise_if_bad_label(g.bad_pixel, target, g.args.C, ignore_index);
   return g.grad_input;
 }
 
@@ -158,7 +167,8 @@ TORCH_LIBRARY(uce_cuda_host, m) {
   m.def(
       "uce_forward(Tensor input, Tensor target, Tensor? samples, "
       "Tensor? sigma, Tensor? weight, float alpha, int ignore_index, "
-      "float label_smoothing, int correction) -> (Tensor, Tensor, Tensor)",
+      "float label_smoothing, int correction, bool check_labels) -> "
+      "(Tensor, Tensor, Tensor)",
       &uce_cuda_host::uce_forward);
   m.def(
       "uce_backward(Tensor grad_loss, Tensor input, Tensor target, "

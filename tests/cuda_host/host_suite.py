@@ -45,6 +45,14 @@ H = torch.ops.uce_cuda_host
 NAN = float("nan")
 INF = float("inf")
 
+def _cpu_forward(*args):
+    """torch.ops.uce_fast.uce_forward of the compiled CPU kernels with label checks: the op's
+    arguments without check_labels, which is appended where the registered schema has it."""
+    op = torch.ops.uce_fast.uce_forward.default
+    has_flag = any(a.name == "check_labels" for a in op._schema.arguments)
+    return op(*args, True) if has_flag else op(*args)
+
+
 # Worst error of each output against the reference: name -> (max |diff|, max |diff| / tolerance).
 WORST: dict[str, tuple[float, float]] = {}
 _TOL = {torch.float32: (2e-5, 2e-6), torch.float16: (4e-3, 1e-5), torch.bfloat16: (2e-2, 1e-4)}
@@ -105,17 +113,23 @@ def _launched():
 def _vec_width(k):
     """Pixels per thread V of a launched kernel and whether its samples are resampled."""
     kernel, args = k["kernel"], k["args"]
-    if kernel == "mc_register_kernel":           # <IT, ST, CM, V, kVec>
-        return int(args[3]), False
-    if kernel == "mc_chunked_kernel":            # <IT, ST, kVec>
-        return 4, False
     if kernel in ("ce_kernel", "backward_kernel"):  # <IT, kVec>: 16 bytes of pixels
         return 16 // _ELEM_BYTES[args[0]], False
-    if kernel == "mc_state_register_kernel":     # <ST, CM, V, kVec, kInterp, kReduce>
+    if kernel == "mc_register_kernel":           # <ST, CM, V, kVec, kInterp, Out>
         return int(args[2]), args[4] == "true"
-    if kernel == "mc_state_chunked_kernel":      # <ST, V, kVec, kInterp, kReduce>
+    if kernel == "mc_chunked_kernel":            # <ST, V, kVec, kInterp, Out>
         return int(args[1]), args[3] == "true"
     raise AssertionError(f"unknown kernel {kernel}")
+
+
+def _out(k):
+    """What a Monte-Carlo kernel does with its statistics (its Out template argument):
+    "Accumulate", "Reduce" or "FusedCe<IT>" (IT the logits' uce_cuda::DType)."""
+    assert k["kernel"] in ("mc_register_kernel", "mc_chunked_kernel"), k
+    return re.sub(r"^.*::", "", k["args"][-1]).replace(" ", "")
+
+
+_DTYPE_CODE = {torch.float32: "0", torch.float16: "1", torch.bfloat16: "2"}
 
 
 def _check_access_mode(k, N, streamed):
@@ -173,14 +187,15 @@ def _expected(input, target, samples, sigma, weight, alpha, ignore_index, eps, c
 
 
 def _check_fused(input, target, samples=None, *, sigma=None, weight=None, alpha=3.0,
-                 ignore_index=-100, eps=0.1, correction=1, scale=1.0, grad_loss=None):
+                 ignore_index=-100, eps=0.1, correction=1, scale=1.0, grad_loss=None,
+                 check_labels=True):
     """uce_forward and uce_backward against the reference, and the kernels' access modes.
     Returns the outputs (loss, norm, pixel_weight, grad) and the two launches."""
     _, C, N = input.shape
     if grad_loss is None:
         grad_loss = torch.rand(target.shape, generator=torch.Generator().manual_seed(1)) + 0.5
     loss, norm, pw = H.uce_forward(input, target, samples, sigma, weight, alpha, ignore_index,
-                                   eps, correction)
+                                   eps, correction, check_labels)
     (fwd,) = _launched()
     grad = H.uce_backward(grad_loss, input, target, norm, pw, weight, ignore_index, eps)
     (bwd,) = _launched()
@@ -189,14 +204,17 @@ def _check_fused(input, target, samples=None, *, sigma=None, weight=None, alpha=
         assert fwd["kernel"] == "ce_kernel"
         _check_access_mode(fwd, N, [(input, _elem(input))])
     else:
+        # The Monte-Carlo kernels of mc_accumulate / mc_reduce, with the CE as their epilogue.
         assert fwd["kernel"] == ("mc_register_kernel" if C <= 64 else "mc_chunked_kernel")
+        assert fwd["args"][0] == _DTYPE_CODE[samples.dtype], fwd
+        assert _out(fwd) == f"FusedCe<{_DTYPE_CODE[input.dtype]}>", fwd
         _check_access_mode(fwd, N, [(input, _elem(input)), (samples, _elem(samples))])
     assert bwd["kernel"] == "backward_kernel"
     _check_access_mode(bwd, N, [(input, _elem(input)), (grad, _elem(grad))])
 
     ref = _expected(input, target, samples, sigma, weight, alpha, ignore_index, eps, correction,
                     grad_loss)
-    valid = target != ignore_index
+    valid = (target != ignore_index) & (target >= 0) & (target < C)
     _close("loss", loss, ref[0], dtype=torch.float32, scale=5 * scale)
     _close("norm (log-sum-exp)", norm.sum(0), ref[1], dtype=torch.float32, scale=scale)
     assert torch.equal(norm[0], input.float().amax(1)), "norm[0] is the max logit"
@@ -250,7 +268,7 @@ def test_chunked_shared_memory_and_scratch(classes, beta):
     block."""
     input, target, samples = _problem(2, classes, 40, beta, seed=beta)
     _check_fused(input, target, samples, alpha=10.0, correction=0)
-    H.uce_forward(input, target, samples, None, None, 10.0, -100, 0.0, 0)
+    H.uce_forward(input, target, samples, None, None, 10.0, -100, 0.0, 0, True)
     (k,) = _launched()
     assert k["smem"] == (2 * beta * 256 * 4 if beta <= 23 else 0), k
 
@@ -261,7 +279,7 @@ def test_scratch_grid_capped_at_8_per_sm(reverse):
     its own scratch slice; capping the blocks run further must not change a bit."""
     input, target, samples = _problem(3, 70, 777, 24, ignore_frac=0.1)
     H.configure(132, 0, False, False)
-    want = H.uce_forward(input, target, samples, None, None, 10.0, -100, 0.1, 1)
+    want = H.uce_forward(input, target, samples, None, None, 10.0, -100, 0.1, 1, True)
     H.launches()
     for max_blocks in (0, 3, 1):
         H.configure(1, max_blocks, reverse, False)
@@ -299,6 +317,57 @@ def test_grid_stride_loops_with_capped_grids(max_blocks, classes, with_samples):
         assert torch.equal(a, b)
 
 
+def _bits(t):
+    """The float32 tensor's bit patterns: equal exactly when the values are, NaNs included."""
+    return t.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("sample_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("classes", [1, 3, 8, 12, 33, 64, 65, 150])
+@pytest.mark.parametrize(("pixels", "offset"), [(64, 0), (37, 0), (64, 1)],
+                         ids=["vector", "odd-N", "misaligned"])
+def test_fused_sigma_is_mc_reduce_sigma(sample_dtype, classes, pixels, offset):
+    """The fused forward's sigma comes from the kernels of mc_reduce: given mc_reduce's sigma
+    of the same stack, the CE-only forward returns the fused forward's loss, norm and pixel
+    weight bit for bit. With exact ties between the best classes (the first maximum wins), a
+    NaN sample (every probability of its pixel NaN: pred 0, sigma NaN), both corrections, and
+    on the chunked path a beta beyond its shared memory."""
+    beta = 24 if classes == 150 else 5
+    input, target, samples = _problem(2, classes, pixels, beta, sample_dtype=sample_dtype,
+                                      seed=classes + pixels)
+    if classes > 1:
+        samples[:, :, 1] = samples[:, :, 0]       # classes 0 and 1 tie everywhere,
+        samples[:, :, :2, :8] = 10.0              # as the best two in pixels 0 .. 7
+        samples[1, 0, classes - 1, 20] = NAN      # pixel (0, 20): NaN probabilities
+        target[0, 20] = 0                         # and a NaN loss
+    samples = _with_offset(samples, offset)
+    weight = torch.rand(classes) + 0.5
+    for correction in (0, 1):
+        fused = H.uce_forward(input, target, samples, None, weight, 10.0, -100, 0.1,
+                              correction, True)
+        (k,) = _launched()
+        assert _out(k).startswith("FusedCe"), k
+        sigma, pred, _, _, probs = H.mc_reduce(samples, None, None, None, 0, 1, pixels, 1,
+                                               pixels, False, correction, True, False)
+        (k,) = _launched()
+        assert _out(k) == "Reduce", k
+        given = H.uce_forward(input, target, None, sigma, weight, 10.0, -100, 0.1, correction,
+                              True)
+        assert [k["kernel"] for k in _launched()] == ["ce_kernel"]
+        for name, a, b in zip(("loss", "norm", "pixel_weight"), fused, given, strict=True):
+            assert torch.equal(_bits(a), _bits(b)), name
+        if classes > 1:
+            assert torch.equal(pred[:, :8], torch.zeros_like(pred[:, :8]))
+            assert torch.equal(_bits(probs[:, 0]), _bits(probs[:, 1]))
+            assert torch.isnan(probs[0, :, 20]).all() and pred[0, 20] == 0
+            assert torch.isnan(sigma[0, 20]) and torch.isnan(fused[0][0, 20])
+        ref = reference.mc_reduce(samples, None, None, None, 0, (1, pixels), (1, pixels), False,
+                                  correction, True, False)
+        stable = _stable(ref[4]) & ~torch.isnan(ref[4]).any(1)
+        assert torch.equal(pred[stable], ref[1][stable]), "pred"
+        _close("sigma (vs reference)", sigma[stable], ref[0][stable], scale=5)
+
+
 # --------------------------------------------------------------- options, labels, special values
 
 
@@ -328,22 +397,29 @@ def test_ignore_index(classes, ignore_index, ignore_frac):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_backward_upstream_gradients(dtype):
-    """Expanded (zero-stride) and non-unit upstream gradients; inf upstream on ignored pixels
-    still gives them exactly 0."""
+@pytest.mark.parametrize("upstream", [INF, -INF, NAN], ids=str)
+def test_backward_upstream_gradients(dtype, upstream):
+    """Expanded (zero-stride) and non-unit upstream gradients. A non-finite upstream gradient
+    on the ignored pixels gives them exactly 0 for every class, as the reference (whose
+    ignored pixels are a select of constants); every other pixel gets the reference's
+    gradient, and no entry anywhere is non-finite."""
     input, target, samples = _problem(2, 19, 64, 3, dtype=dtype, ignore_index=255)
     weight = torch.rand(19) + 0.5
     _check_fused(input, target, samples, weight=weight, ignore_index=255,
                  grad_loss=torch.full((), 0.7).expand(target.shape))
     _check_fused(input, target, samples, weight=weight, ignore_index=255,
                  grad_loss=torch.randn(target.shape) * 3)
-    _, norm, pw = H.uce_forward(input, target, samples, None, weight, 10.0, 255, 0.1, 1)
-    grad_loss = torch.rand(target.shape)
-    grad_loss[target == 255] = INF
-    grad = H.uce_backward(grad_loss, input, target, norm, pw, weight, 255, 0.1)
-    ignored = (target == 255).unsqueeze(1).expand_as(grad)
-    assert torch.count_nonzero(grad[ignored]) == 0
-    assert torch.isfinite(grad[~ignored]).all()
+    ignored = target == 255
+    assert 0 < ignored.sum() < ignored.numel()
+    grad_loss = torch.rand(target.shape) + 0.5
+    grad_loss[ignored] = upstream
+    (_, _, _, grad), _ = _check_fused(input, target, samples, weight=weight, alpha=10.0,
+                                      ignore_index=255, grad_loss=grad_loss)
+    ref = _expected(input, target, samples, None, weight, 10.0, 255, 0.1, 1, grad_loss)[3]
+    per_class = ignored.unsqueeze(1).expand_as(grad)
+    assert torch.equal(ref[per_class], torch.zeros_like(ref[per_class])), "reference"
+    assert torch.equal(grad[per_class], torch.zeros_like(grad[per_class]))
+    assert torch.isfinite(ref).all() and torch.isfinite(grad).all()
 
 
 @pytest.mark.parametrize("classes", [5, 40, 150])
@@ -355,29 +431,81 @@ def test_backward_is_shift_invariant(classes):
     _check_fused(input + 1e4, target, samples + 1e4, eps=0.1)
 
 
-@pytest.mark.parametrize("classes", [5, 150])
-@pytest.mark.parametrize("with_samples", [True, False], ids=["samples", "sigma"])
-@pytest.mark.parametrize("max_blocks", [0, 1], ids=["full-grid", "one-block"])
-def test_invalid_labels_report_the_lowest_pixel(classes, with_samples, max_blocks):
-    """Several invalid labels in several tiles, blocks run last to first: the error names the
-    label of the lowest flat pixel index, in forward and backward."""
-    input, target, samples = _problem(2, classes, 1500, 2, ignore_frac=0.0)
+def _bad_labels(classes, pixels=1500):
+    """A problem with invalid labels in several tiles: (input, target, samples, bad), the lowest
+    flat pixel index b * N + n with an invalid label being (0, 1200), label -7."""
+    input, target, samples = _problem(2, classes, pixels, 2, ignore_frac=0.1, seed=classes)
     target[1, 1400] = classes + 5
     target[1, 3] = classes
     target[0, 1200] = -7           # the lowest flat index b * N + n
     target[1, 0] = 2**40
+    target[0, 1300] = -100         # ignore_index itself stays valid
+    bad = (target != -100) & ((target < 0) | (target >= classes))
+    assert bad.sum() == 4
+    return input, target, samples, bad
+
+
+@pytest.mark.parametrize("classes", [5, 150])
+@pytest.mark.parametrize("with_samples", [True, False], ids=["samples", "sigma"])
+@pytest.mark.parametrize("max_blocks", [0, 1], ids=["full-grid", "one-block"])
+def test_invalid_labels_report_the_lowest_pixel(classes, with_samples, max_blocks):
+    """check_labels=True: several invalid labels in several tiles, blocks run last to first;
+    the error names the label of the lowest flat pixel index."""
+    input, target, samples, _ = _bad_labels(classes)
     H.configure(132, max_blocks, True, False)
     args = (samples, None) if with_samples else (None, torch.rand(target.shape))
-    pattern = rf"target contains label -7, outside \[0, {classes}\) and not ignore_index"
+    pattern = rf"target contains label -7, outside \[0, {classes}\) and not ignore_index \(-100\)"
     with pytest.raises(ValueError, match=pattern):
-        H.uce_forward(input, target, *args, None, 2.0, -100, 0.0, 1)
-    ok = target.clamp(0, classes - 1)
-    _, norm, pw = H.uce_forward(input, ok, *args, None, 2.0, -100, 0.0, 1)
-    with pytest.raises(ValueError, match=pattern):
-        H.uce_backward(torch.ones(target.shape), input, target, norm, pw, None, -100, 0.0)
+        H.uce_forward(input, target, *args, None, 2.0, -100, 0.0, 1, True)
     target[0, 1200] = 0            # next: pixel (1, 0)
     with pytest.raises(ValueError, match=rf"target contains label {2**40}, outside"):
-        H.uce_forward(input, target, *args, None, 2.0, -100, 0.0, 1)
+        H.uce_forward(input, target, *args, None, 2.0, -100, 0.0, 1, True)
+
+
+@pytest.mark.parametrize("classes", [5, 19, 40, 150])
+@pytest.mark.parametrize("with_samples", [True, False], ids=["samples", "sigma"])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_unchecked_invalid_labels_are_ignored_pixels(classes, with_samples, eps):
+    """check_labels=False: no error; an invalid label's pixel has loss 0 and gradient 0 for
+    every class (never read out of bounds: ASan would report it), and every output equals the
+    run with those labels replaced by ignore_index, bit for bit. The backward never checks:
+    it does not raise for them either, whatever the forward did."""
+    input, target, samples, bad = _bad_labels(classes)
+    weight = torch.rand(classes) + 0.5
+    sigma = None if with_samples else torch.rand(target.shape)
+    samples = samples if with_samples else None
+    grad_loss = torch.rand(target.shape) + 0.5
+    got, _ = _check_fused(input, target, samples, sigma=sigma, weight=weight, eps=eps,
+                          grad_loss=grad_loss, check_labels=False)
+    loss, _, _, grad = got
+    assert torch.count_nonzero(loss[bad]) == 0
+    assert torch.count_nonzero(grad.transpose(0, 1)[:, bad]) == 0
+    ignored = target.masked_fill(bad, -100)
+    want, _ = _check_fused(input, ignored, samples, sigma=sigma, weight=weight, eps=eps,
+                           grad_loss=grad_loss, check_labels=False)
+    for name, a, b in zip(("loss", "norm", "pixel_weight", "grad"), got, want, strict=True):
+        assert torch.equal(a, b), name
+    # Checked on the clean labels, the forward agrees with the unchecked one too.
+    checked = H.uce_forward(input, ignored, samples, sigma, weight, 3.0, -100, eps, 1, True)
+    for name, a, b in zip(("loss", "norm", "pixel_weight"), checked, want[:3], strict=True):
+        assert torch.equal(a, b), name
+    # The backward with the invalid labels, from the checked forward of the clean ones.
+    grad = H.uce_backward(grad_loss, input, target, checked[1], checked[2], weight, -100, eps)
+    assert torch.equal(grad, want[3])
+
+
+@pytest.mark.parametrize("check_labels", [True, False])
+def test_labels_of_empty_inputs(check_labels):
+    """Nothing to launch (B * N == 0): no kernel runs, and no bad-pixel buffer is made."""
+    input = torch.randn(0, 5, 7)
+    target = torch.zeros(0, 7, dtype=torch.int64)
+    samples = torch.randn(3, 0, 5, 7)
+    loss, norm, pw = H.uce_forward(input, target, samples, None, None, 2.0, -100, 0.0, 1,
+                                   check_labels)
+    assert loss.shape == (0, 7) and norm.shape == (2, 0, 7) and pw.shape == (0, 7)
+    grad = H.uce_backward(loss, input, target, norm, pw, None, -100, 0.0)
+    assert grad.shape == input.shape
+    assert _launched() == []
 
 
 @pytest.mark.parametrize("classes", [4, 19, 150])
@@ -394,15 +522,15 @@ def test_non_finite_logits(classes, fill):
         target[0, 5] = 0
     grad_loss = torch.rand(target.shape) + 0.5
     for eps in (0.0, 0.1):
-        loss, norm, pw = H.uce_forward(input, target, samples, None, None, 2.0, -100, eps, 1)
+        loss, norm, pw = H.uce_forward(input, target, samples, None, None, 2.0, -100, eps, 1,
+                                       True)
         grad = H.uce_backward(grad_loss, input, target, norm, pw, None, -100, eps)
         ref = _expected(input, target, samples, None, None, 2.0, -100, eps, 1, grad_loss)
         _close("loss (non-finite)", loss, ref[0], scale=5)
         _close("pixel_weight (non-finite)", pw, ref[2], scale=5)
         _close("grad (non-finite)", grad, ref[3], scale=5)
         if "cpu" in uce_fast.available_backends():
-            cpu = torch.ops.uce_fast.uce_forward(input, target, samples, None, None, 2.0, -100,
-                                                 eps, 1)
+            cpu = _cpu_forward(input, target, samples, None, None, 2.0, -100, eps, 1)
             _close("norm (non-finite, vs CPU kernels)", norm, cpu[1], scale=5)
 
 
@@ -471,13 +599,13 @@ def _upsample(stack, in_size, out_size, align_corners):
 def test_bilinear_formula_is_f_interpolate(geometry):
     (ih, iw), (oh, ow), ac = geometry
     stack = _stack(2, 2, 3, ih * iw, torch.float32)
-    want = reference.upsample(stack.view(2, 2, 3, ih, iw), (oh, ow), ac).reshape(2, 2, 3, -1)
+    want = reference.resample(stack.view(2, 2, 3, ih, iw), (oh, ow), ac).reshape(2, 2, 3, -1)
     _close("bilinear formula vs F.interpolate", _upsample(stack, (ih, iw), (oh, ow), ac), want)
 
 
 def _check_mc_launch(k, reduce, C, N, streamed):
-    assert k["kernel"] == ("mc_state_register_kernel" if C <= 64 else "mc_state_chunked_kernel")
-    assert k["args"][-1] == ("true" if reduce else "false"), k
+    assert k["kernel"] == ("mc_register_kernel" if C <= 64 else "mc_chunked_kernel")
+    assert _out(k) == ("Reduce" if reduce else "Accumulate"), k
     _check_access_mode(k, N, streamed)
 
 
@@ -627,3 +755,26 @@ def test_mc_non_finite_samples(classes, fill):
         _close(f"{name} (non-finite)", a, b, scale=5)
     finite = torch.isfinite(ref[4]).all(1)
     assert torch.equal(got[1][finite], ref[1][finite])
+
+
+@pytest.mark.parametrize("classes", [5, 40, 150])
+def test_mc_reduce_nan_mean_is_the_maximum(classes):
+    """A state whose mean is NaN in one class only (a merged state can hold that; samples
+    cannot, their NaN reaches every class of the pixel): pred is the first NaN class, as
+    torch.argmax, whatever the finite means; sigma is that class's M2-based std."""
+    B, N = 2, 40
+    stack = _stack(3, B, classes, N, torch.float32, seed=classes)
+    mean, m2, ent = (torch.zeros(shape) for shape in ((B, classes, N), (B, classes, N), (B, N)))
+    H.mc_accumulate_(mean, m2, ent, stack, 0, 1, N, 1, N, False)
+    first, second = classes // 2, classes - 1
+    mean[0, first, 3] = NAN
+    mean[0, second, 3] = NAN
+    mean[1, second, 7] = NAN
+    mean[0, 0, 9] = NAN                   # class 0 itself
+    got = H.mc_reduce(None, mean, m2, ent, 3, 1, N, 1, N, False, 1, False, False)
+    (k,) = _launched()[-1:]
+    assert _out(k) == "Reduce", k
+    ref = reference.mc_reduce(None, mean, m2, ent, 3, (1, N), (1, N), False, 1, False, False)
+    assert (got[1][0, 3], got[1][1, 7], got[1][0, 9]) == (first, second, 0)
+    assert torch.equal(got[1], ref[1])
+    _close("sigma (NaN means)", got[0], ref[0], scale=5)
