@@ -7,12 +7,12 @@ Usage::
     python scripts/triton_compile_check.py [--archs 80,90] [--jobs N] [--out DIR]
         [--full] [--kernels K1,K2] [--cache-dir DIR] [--list]
 
-Exit status 1 on a compile error, on a register-path variant whose spill code is inside a loop or
-exceeds a few bytes (defined below), or when the sweep no longer reaches every kernel launch and
-every line of the launchers; 2 on bad usage. Spills of class-chunked variants are reported and
-allowed. Tables (CSV, JSON, Markdown) of every
-variant per arch (kernel, constexprs, pointer dtypes and alignment, integer specialisations,
-registers, spill stores/loads, stack frame, shared memory) go to ``--out``.
+Exit status 1 on a compile error, on a spill where a kernel's design says it must not spill
+(defined below), or when the sweep no longer reaches every kernel launch and every line of the
+launchers; 2 on bad usage. Tables (CSV, JSON, Markdown) of every variant per arch (kernel,
+constexprs, pointer dtypes and alignment, integer specialisations, registers, spill stores/loads
+and where their code is, stack frame, shared memory) go to ``--out``; the summary gives, per
+kernel, path and arch, the registers (min/median/max) and the spilling variants.
 
 Finding the launches
 --------------------
@@ -39,18 +39,19 @@ captured for registers and spills.
 The sweep, and why it cannot miss a launcher path
 -------------------------------------------------
 * Class counts and sample counts are not a hand list of thresholds: a scan runs each launcher
-  for every C in [1, ``C_SCAN``] (every β, S and count in [0, ``BETA_SCAN``] /
+  for every C in [1, ``C_SCAN``] (every β, S and count in [0, ``BETA_SCAN``] = [0, 256] /
   [0, ``COUNT_SCAN``] per group of C) and groups the values by the launches they produce. Values
   giving the same tile configuration (constexprs) form a tile group; values that differ only in
   the integer specialisation (C = 1, C or β divisible by 16, S = 1, count = 1, ...) form further
   groups. One value per group is kept: a practical one (19, 150, β = 10, ...) where the group has
   one, else its smallest. A new threshold in the config functions gives a new group.
 * Every other input of the launchers is an axis of the sweep: input and sample dtypes, class
-  weight, label smoothing, sigma given or samples, upsampling, a state (count > 0) or none,
-  want_probs / want_entropy, ``wide=`` (forced int64 in-tile offsets) and ``chunk_c=`` (a forced
-  class chunk); and the shapes: N a multiple of 16 (B = 2), N odd (B = 3, so B·N, B·C·N and the
-  views at those offsets are odd too), N = 1 (no spatial dims), stacks beyond 2^31 elements
-  (int64 strides, natural WIDE for large C), upsampling along one dim only, nothing to do.
+  weight, label smoothing, checked or unchecked labels, sigma given or samples, resampling, a
+  state (count > 0) or none, want_probs / want_entropy, ``wide=`` (forced int64 in-tile offsets)
+  and ``chunk_c=`` (a forced class chunk); and the shapes: N a multiple of 16 (B = 2), N odd
+  (B = 3, so B·N, B·C·N and the views at those offsets are odd too), N = 1 (no spatial dims),
+  stacks beyond 2^31 elements (int64 strides, natural WIDE for large C), resampling along one
+  dim only, nothing to do.
 * Two checks make a sweep that no longer covers the launchers fail: every kernel launch site in
   ops.py must be reached, and every statement of ops.py that the launchers execute must have
   run (error paths excepted: a ``raise``, or a call of a function that always raises). A new
@@ -60,31 +61,29 @@ What is compiled
 ----------------
 ``--full`` crosses every tile configuration with every dtype and both N classes (every pair of
 input and sample dtype at a small and a large C), every flag combination, every further
-specialisation and the int64/one-pixel shapes: ~1000 variants per arch, 4.5-7 minutes per arch
-on 2 cores. The default (CI) sweep, ~290 variants per arch (sm_80 and sm_90: 1.7 minutes with
-Triton 3.6, 3.6 minutes with 3.9 on a busy machine, 2 cores, ``--jobs 2``, including ~20 s of
-scans), keeps every tile group and every further specialisation
-group, and restricts the crossing; what it leaves out is never a tile configuration, only
-combinations of them with settings other tile configurations of the same kernel are compiled
-with:
+specialisation and the int64/one-pixel shapes. The default (CI) sweep, ~290 variants per arch,
+keeps every tile group and every further specialisation group, and restricts the crossing; what
+it leaves out is never a tile configuration, only combinations of them with settings other tile
+configurations of the same kernel are compiled with:
 
 * each tile configuration in two settings: float32 with N a multiple of 16 and bfloat16 with N
   odd (the widest loads, vectorised; 16-bit loads, scalar); float16 and the mixed dtype pairs at
   a practical small and large C. Class-chunked tiles other than the practical β / S get the
-  first setting only (their spills are allowed); N = 1 with every class-count group;
+  first setting only; N = 1 with every class-count group;
 * for the streaming-statistics kernels, the state / no state, samples / no samples and
-  upsampling / none rows vary one axis at a time from the practical row (state, samples,
-  upsampling), each row in both settings;
+  resampling / none rows vary one axis at a time from the practical row (state, samples,
+  resampling), each row in both settings;
 * flags (weight, smoothing, want_probs, want_entropy) in every combination at the practical
-  small C, all off at the practical large C; forced int64 offsets and int64 strides at the
-  practical small and large C; forced class chunks at the practical small C;
+  small C, all off at the practical large C; unchecked labels, forced int64 offsets and int64
+  strides at the practical small and large C; forced class chunks at the practical small C;
 * integer specialisation groups of β, S and count at the practical small C only;
 * runtime values (alpha, ignore_index, correction, align_corners) once: floats are never
   specialised by the JIT and the others do not change which variant is chosen.
 
 Provably redundant compiles are dropped by construction: launches with the same JIT key are one
-compile, and the launchers pass a constant for a constexpr the chosen path does not read
-(BETA_PAD without class chunks), so β does not multiply the variants.
+compile. No tile is sized by β or S (the class-chunked kernels keep per-sample normalisers in
+memory), so the scans find one tile group of them per C and only their integer specialisations
+(S = 1, divisible by 16) add variants.
 
 Register-path variants and spills
 ---------------------------------
@@ -92,19 +91,23 @@ A variant is a register-path variant when its tile configuration (its constexprs
 width ``WIDE``) is one the launchers choose for some C <= ``_SMALL_C_MAX`` (128) without a forced
 class chunk: all classes of the pixel tile are in registers (the small-C forward,
 ``mc_accumulate`` and ``mc_reduce`` with all classes, the backward with its chunk of at most 64
-classes and no state across chunks). Variants only reached with C > 128 or a forced chunk (the
-chunked forward, ``mc_accumulate_chunked``, ``mc_finalize``) may spill: reported, not failed.
+classes and no state across chunks). The others are class-chunked variants (reached only with
+C > 128 or a forced chunk: the chunked CE forward, ``mc_accumulate_chunked``,
+``mc_reduce_chunked``); their registers hold one class chunk and per-pixel vectors, whatever β.
 
-A register-path spill fails the check when ptxas puts spill code inside a loop (local-memory
-traffic per sample or per class chunk: the tile does not fit in registers) or spills more than
-``SPILL_ALLOWANCE`` bytes per thread. A smaller spill with all its spill code outside the loops
-is reported, not failed: ptxas keeps one to four long-lived values (addresses and indices of the
-final stores) in local memory across the loops, one store and one load per thread whatever β or
-C; it does so at 40 registers as at 168, so no tile configuration removes it everywhere.
-``--strict-spills`` fails those too. The loop test reads the disassembly (the nvdisasm bundled
-with Triton): a loop is the code from a label to a branch back to it. A tile that does not fit
-is caught: 32 classes x 128 pixels with upsampling spills 3.3 KB per thread, 871 of its 1113
-local-memory instructions inside the sample loop.
+What the designs forbid, and so what fails: a spill of more than ``SPILL_ALLOWANCE`` bytes per
+thread anywhere; on the register path, spill code inside any loop (local-memory traffic per
+sample or per class chunk: the tile does not fit in registers); on the class-chunked path, spill
+code inside an innermost loop (the loops that stream a sample's class chunk). What they allow,
+reported as a note: a few words that ptxas keeps in local memory across the loops (a saved
+predicate word, an address of the final stores), one store and one load per thread, or per class
+chunk around the sample loop of a chunked kernel. ptxas chooses those to stay at an occupancy step
+(64, 72, 80, 96, 128 or 168 registers): with ``.maxnreg 255`` they go away, at 30 to 80 more
+registers per thread (72 -> 156 for one ``mc_reduce`` variant), so they are the cheaper side of
+its trade, not a tile that does not fit. ``--strict-spills`` fails those too. The loop test
+reads the disassembly (the nvdisasm bundled with Triton): a loop is the code from a label to a
+branch back to it. A tile that does not fit is caught: 32 classes x 128 pixels with resampling
+spills 3.3 KB per thread, 871 of its 1113 local-memory instructions inside the sample loop.
 
 ``TRITON_CACHE_DIR`` defaults to a fresh temporary directory and every variant is compiled even
 if a cache holds it (a cache hit would skip ptxas and its report); ``--cache-dir`` keeps the
@@ -144,8 +147,9 @@ os.environ.pop("TRITON_INTERPRET", None)
 #: Class counts scanned for config groups: well past every power of two up to the register-path
 #: bound, and up to 1000-class problems.
 C_SCAN = 1100
-#: Sample counts scanned: past twice the largest sample group of the chunked kernels.
-BETA_SCAN = 80
+#: Sample counts scanned: β = 256 and everything below, so that a sample count that changed a tile
+#: configuration (a register tile sized by β) would show up as a tile group of its own.
+BETA_SCAN = 256
 #: State counts scanned (count of samples already folded in).
 COUNT_SCAN = 40
 #: Preferred representatives of a group of class counts (Cityscapes, VOC, ADE20K, ImageNet-1k,
@@ -438,7 +442,7 @@ class Specialiser:
 #: Per-pixel problems (B, spatial): N a multiple of 16; N odd with B odd (so B·N, B·C·N and the
 #: views at those offsets are odd too); no spatial dims (N = 1); nothing to do (no launch).
 PIXEL_SHAPES = {"n16": (2, (64, 64)), "odd": (3, (37, 41)), "n1": (2, ()), "empty": (0, (64, 64))}
-#: Monte-Carlo problems (B, samples' (h, w), output (h, w)); without upsampling the samples are
+#: Monte-Carlo problems (B, samples' (h, w), output (h, w)); without resampling the samples are
 #: read at the output size.
 MC_SHAPES = {"n16": (2, (32, 32), (64, 64)), "odd": (3, (19, 21), (37, 41)),
              "rows": (2, (32, 64), (64, 64)), "empty": (0, (32, 32), (64, 64))}
@@ -480,7 +484,7 @@ class Sweep:
             sigma=self.meta(B, N) if beta is None else None,
             weight=self.meta(C) if p["weight"] else None, alpha=p.get("alpha", 3.0),
             ignore_index=-100, label_smoothing=0.1 if p["smooth"] else 0.0, correction=1,
-            chunk_c=p["chunk_c"], wide=p["wide"])
+            check_labels=p.get("check", True), chunk_c=p["chunk_c"], wide=p["wide"])
 
     def backward(self, p: dict):
         """The backward launcher called as the forward op's autograd formula calls it, on the
@@ -491,9 +495,9 @@ class Sweep:
                       if getattr(v, "_init_fn", None) is self.s.launchers["_forward"])
         inputs = (self.meta(B, C, N, dtype=p["input"]), self.meta(B, N, dtype=t.int64), None,
                   self.meta(B, N), self.meta(C) if p["weight"] else None, 3.0, -100,
-                  0.1 if p["smooth"] else 0.0, 1)
+                  0.1 if p["smooth"] else 0.0, 1, False)
         outputs = fwd_op._abstract_fn(*inputs)
-        ctx = types.SimpleNamespace(needs_input_grad=(True,) + (False,) * 8)
+        ctx = types.SimpleNamespace(needs_input_grad=(True,) + (False,) * (len(inputs) - 1))
         ctx.save_for_backward = lambda *ts: setattr(ctx, "saved_tensors", ts)
         fwd_op._setup_context_fn(ctx, inputs, outputs)
         formula = self.s.opglue.uce_backward_formula(
@@ -502,7 +506,7 @@ class Sweep:
 
     def _mc_sizes(self, p):
         B, (ih, iw), (oh, ow) = p["B"], p["in_hw"], p["out_hw"]
-        if not p["interp"]:
+        if not p["resample"]:
             ih, iw = oh, ow
         return B, ih, iw, oh, ow
 
@@ -593,7 +597,7 @@ class Sweep:
 
     def mc_point(self, shape: str, **p) -> dict:
         if shape == "big":
-            in_hw = (BIG_HW[0] // 4, BIG_HW[1] // 4) if p["interp"] else BIG_HW
+            in_hw = (BIG_HW[0] // 4, BIG_HW[1] // 4) if p["resample"] else BIG_HW
             B = _big_batch(p["C"], in_hw[0] * in_hw[1])
             return dict(p, shape=shape, B=B, in_hw=in_hw, out_hw=BIG_HW)
         B, in_hw, out_hw = MC_SHAPES[shape]
@@ -654,7 +658,7 @@ class Sweep:
 
         def fwd(**p):
             base = dict(C=19, beta=None, input=f32, samples=f32, weight=True, smooth=True,
-                        chunk_c=None, wide=False)
+                        check=True, chunk_c=None, wide=False)
             base.update(p)
             return ("forward", self.pixel_point(base.pop("shape", "n16"), **base))
 
@@ -689,6 +693,10 @@ class Sweep:
         out += [fwd(C=large, beta=10, input=a, samples=b)
                 for a, b in (pairs if self.full else [(f16, f16), (bf16, f32)])]
         out += [fwd(C=c, input=f16) for c in (small, large)]
+        # Unchecked labels (no flag).
+        out += [fwd(C=c, beta=beta, check=False)
+                for c, beta in itertools.product(c_tiles if self.full else (small, large),
+                                                 (10, None))]
         # int64 offsets (forced, and natural beyond 2^31 elements), one pixel, forced chunks.
         for c, beta in itertools.product(c_tiles if self.full else (small, large), (10, None)):
             out += [fwd(C=c, beta=beta, wide=True), fwd(C=c, beta=beta, shape="big")]
@@ -725,25 +733,25 @@ class Sweep:
         out.append(bwd(shape="empty"))
 
     def _mc_rows(self, name, c, s_tiles, k_tiles, valid=lambda S, k: True):
-        """(S, count, upsampling, settings) rows of one class-count group, each row in both
+        """(S, count, resampling, settings) rows of one class-count group, each row in both
         settings, but the further sample-group rows of a class-chunked C in one."""
         rows = [r for r in self._rows(s_tiles, k_tiles, (True, False)) if valid(r[0], r[1])]
         chunked = not self.register_group(name, c)
-        return [(s, k, interp, self.settings(both=not chunked or s == s_tiles[0]))
-                for s, k, interp in rows]
+        return [(s, k, resample, self.settings(both=not chunked or s == s_tiles[0]))
+                for s, k, resample in rows]
 
     def _plan_accumulate(self, out):
         f32 = self.torch.float32
 
         def acc(**p):
-            base = dict(C=19, S=10, count=10, samples=f32, interp=True, chunk_c=None,
+            base = dict(C=19, S=10, count=10, samples=f32, resample=True, chunk_c=None,
                         wide=False)
             base.update(p)
             return ("accumulate", self.mc_point(base.pop("shape", "n16"), **base))
 
         def both(**p):
-            for interp in (False, True):
-                self.accumulate(acc(interp=interp, **p)[1])
+            for resample in (False, True):
+                self.accumulate(acc(resample=resample, **p)[1])
 
         c_tiles, c_specs = self.scan("accumulate C", range(1, C_SCAN + 1),
                                      lambda c: both(C=c, S=2, count=0), PRACTICAL_C)
@@ -753,10 +761,10 @@ class Sweep:
                                          lambda S, c=c: both(C=c, S=S), PRACTICAL_BETA)
             k_tiles, k_specs = self.scan(f"accumulate count (C={c})", range(0, COUNT_SCAN + 1),
                                          lambda k, c=c: both(C=c, count=k), PRACTICAL_BETA)
-            for S, k, interp, settings in self._mc_rows(
+            for S, k, resample, settings in self._mc_rows(
                     "accumulate C", c, self._ordered(s_tiles, PRACTICAL_BETA),
                     self._ordered(k_tiles, (10,))):
-                out += [acc(C=c, S=S, count=k, interp=interp, samples=dt, shape=shape)
+                out += [acc(C=c, S=S, count=k, resample=resample, samples=dt, shape=shape)
                         for dt, shape in settings]
             if self.full or c == small:
                 out += [acc(C=c, S=S) for S in s_specs] + [acc(C=c, count=k) for k in k_specs]
@@ -764,7 +772,7 @@ class Sweep:
         for c in (small, large):
             out += [acc(C=c, samples=dt) for dt in self.dtypes]
             out += [acc(C=c, wide=True), acc(C=c, shape="big")]
-        out += [acc(C=small, interp=i, chunk_c=chunk) for i in (True, False)
+        out += [acc(C=small, resample=r, chunk_c=chunk) for r in (True, False)
                 for chunk in self._forced_chunks()]
         out.append(acc(shape="empty"))
         out += [acc(align_corners=True), acc(shape="rows")]
@@ -773,14 +781,14 @@ class Sweep:
         f32 = self.torch.float32
 
         def red(**p):
-            base = dict(C=19, S=10, count=10, samples=f32, interp=True, chunk_c=None,
+            base = dict(C=19, S=10, count=10, samples=f32, resample=True, chunk_c=None,
                         wide=False, probs=True, entropy=True)
             base.update(p)
             return ("reduce", self.mc_point(base.pop("shape", "n16"), **base))
 
         def both(**p):
-            for interp in (False, True):
-                self.reduce(red(interp=interp, **p)[1])
+            for resample in (False, True):
+                self.reduce(red(resample=resample, **p)[1])
 
         c_tiles, c_specs = self.scan(
             "reduce C", range(1, C_SCAN + 1),
@@ -792,10 +800,10 @@ class Sweep:
             k_tiles, k_specs = self.scan(f"reduce count (C={c})", range(0, COUNT_SCAN + 1),
                                          lambda k, c=c: both(C=c, S=2, count=k),
                                          PRACTICAL_BETA)
-            for S, k, interp, settings in self._mc_rows(
+            for S, k, resample, settings in self._mc_rows(
                     "reduce C", c, self._ordered(s_tiles, PRACTICAL_BETA),
                     self._ordered(k_tiles, (10,)), valid=lambda S, k: S + k >= 2):
-                out += [red(C=c, S=S, count=k, interp=interp, samples=dt, shape=shape)
+                out += [red(C=c, S=S, count=k, resample=resample, samples=dt, shape=shape)
                         for dt, shape in settings]
             if self.full or c == small:
                 out += [red(C=c, S=S, count=2) for S in s_specs]
@@ -807,7 +815,7 @@ class Sweep:
                     if self.full or c == small or not (p or e)]
             out += [red(C=c, samples=dt) for dt in self.dtypes]
             out += [red(C=c, wide=True), red(C=c, shape="big")]
-        out += [red(C=small, interp=i, chunk_c=chunk) for i in (True, False)
+        out += [red(C=small, resample=r, chunk_c=chunk) for r in (True, False)
                 for chunk in self._forced_chunks()]
         out.append(red(shape="empty"))
         out += [red(align_corners=True), red(shape="rows")]
@@ -875,6 +883,10 @@ def enumerate_variants(archs: list[int], full: bool = False):
         with spec.target(sweep.scan_arch):
             plan = sweep.plan(full)
         session.launches.clear()
+        # What the launchers cache (the bilinear tables) is built anew under the line coverage.
+        for value in vars(session.ops).values():
+            if callable(getattr(value, "cache_clear", None)):
+                value.cache_clear()
         with coverage.active():
             for method, point in plan:
                 getattr(sweep, method)(point)
@@ -960,7 +972,7 @@ def _compile(job: dict) -> dict:
         res["error"] = "no ptxas resource report in the compile log"
     elif res["spill_stores"] or res["spill_loads"]:
         try:
-            res["spill_ops"], res["loop_spill_ops"] = _local_memory_ops(
+            res["spill_ops"], res["loop_spill_ops"], res["inner_spill_ops"] = _local_memory_ops(
                 _disassemble(compiled.asm["cubin"]))
         except Exception as e:  # no disassembly: the spill counts as in a loop
             res["sass_error"] = f"{type(e).__name__}: {e}"[-300:]
@@ -980,9 +992,11 @@ def _disassemble(cubin: bytes) -> str:
                               capture_output=True, text=True).stdout
 
 
-def _local_memory_ops(sass: str) -> tuple[int, int]:
-    """(local-memory loads and stores, those inside a loop) of a disassembled kernel. A loop is
-    the code from a label to a branch back to it."""
+def _local_memory_ops(sass: str) -> tuple[int, int, int]:
+    """(local-memory loads and stores, those inside a loop, those inside an innermost loop) of a
+    disassembled kernel. A loop is the code from a label to a branch back to it; an innermost
+    loop contains no other loop (the loops over samples, and over class chunks where no sample
+    loop is nested in them: the loops that stream the data)."""
     lines = sass.splitlines()
     labels = {}
     loops = []
@@ -994,9 +1008,12 @@ def _local_memory_ops(sass: str) -> tuple[int, int]:
         b = _SASS_BRANCH.search(line)
         if b and b.group(1) in labels and labels[b.group(1)] < i:
             loops.append((labels[b.group(1)], i))
+    inner = [(a, b) for a, b in loops
+             if not any((c, d) != (a, b) and a <= c and d <= b for c, d in loops)]
     ops = [i for i, line in enumerate(lines) if _SASS_LOCAL.search(line)]
     in_loop = [i for i in ops if any(a <= i <= b for a, b in loops)]
-    return len(ops), len(in_loop)
+    in_inner = [i for i in ops if any(a <= i <= b for a, b in inner)]
+    return len(ops), len(in_loop), len(in_inner)
 
 
 def _dtype_name(t) -> str:
@@ -1024,7 +1041,8 @@ def _describe(v: Variant) -> dict:
     p = v.points[0]
     example = {k: (_dtype_name(x) if "dtype" in type(x).__name__ else x) for k, x in p.items()
                if k in ("launcher", "C", "beta", "S", "count", "input", "samples", "shape",
-                        "interp", "weight", "smooth", "probs", "entropy", "wide", "chunk_c")}
+                        "resample", "check", "weight", "smooth", "probs", "entropy", "wide",
+                        "chunk_c")}
     return dict(kernel=v.kernel, arch=f"sm_{v.arch}",
                 constexprs=" ".join(f"{n}={int(x) if isinstance(x, bool) else x}"
                                     for n, x in declared.items()),
@@ -1074,7 +1092,10 @@ def _rows(variants: list[Variant]) -> list[dict]:
             row["spill_code"] = "unknown (no disassembly)"
         else:
             row["spill_code"] = (f"{r['loop_spill_ops']} of {r['spill_ops']} local-memory "
-                                 f"instructions in loops")
+                                 f"instructions in loops, {r['inner_spill_ops']} in innermost "
+                                 f"loops")
+        row["loop_spill_ops"] = r.get("loop_spill_ops")
+        row["inner_spill_ops"] = r.get("inner_spill_ops")
         rows.append(row)
     rows.sort(key=lambda r: (r["kernel"], r["arch"], r["path"], r["constexprs"], r["pointers"],
                              r["ints"]))
@@ -1082,25 +1103,44 @@ def _rows(variants: list[Variant]) -> list[dict]:
 
 
 COLUMNS = ("kernel", "arch", "path", "constexprs", "pointers", "ints", "options", "registers",
-           "spill_stores", "spill_loads", "spill_code", "stack", "shared", "seconds", "launches",
-           "example", "error")
+           "spill_stores", "spill_loads", "spill_code", "loop_spill_ops", "inner_spill_ops",
+           "stack", "shared", "seconds", "launches", "example", "error")
 
-#: Spill stores (bytes per thread) a register-path variant may have outside every loop: ptxas
-#: keeps a few long-lived values (addresses and indices of the final stores) in local memory
-#: across the loops, one store and one load per thread whatever β or C, even at 40 registers;
-#: no tile configuration removes them everywhere. Above this, or inside a loop, a spill fails.
+#: Spill stores (bytes per thread) a variant may have where its design allows spill code at all
+#: (see the module docstring): one to three words that ptxas keeps in local memory across the
+#: loops, one store and one load each per thread whatever β or C. Above this a spill fails.
 SPILL_ALLOWANCE = 16
 
 
 def spill_fails(row: dict, strict: bool) -> bool:
-    """Whether a variant's spill fails the check: only register-path variants fail; with
-    ``strict`` any spill, else spill code inside a loop (traffic per sample or class chunk) or
-    more than ``SPILL_ALLOWANCE`` bytes outside the loops."""
-    if row["path"] != "register" or not row["spill_code"]:
+    """Whether a variant's spill fails the check: with ``strict`` any spill; else more than
+    ``SPILL_ALLOWANCE`` bytes, spill code of unknown place (no disassembly), or spill code inside
+    the loops the variant's design keeps in registers: any loop on the register path, the
+    innermost loops (per sample, per class chunk of a sample) on the class-chunked path."""
+    if not row["spill_code"]:
         return False
-    if strict or not row["spill_code"].split()[0].isdigit():
+    if strict or row["loop_spill_ops"] is None or row["spill_stores"] > SPILL_ALLOWANCE:
         return True
-    return int(row["spill_code"].split()[0]) > 0 or row["spill_stores"] > SPILL_ALLOWANCE
+    in_loops = row["loop_spill_ops"] if row["path"] == "register" else row["inner_spill_ops"]
+    return in_loops > 0
+
+
+def register_summary(rows: list[dict]) -> list[str]:
+    """Per kernel, path and arch: variants, registers (min / median / max), spilling variants
+    and the largest spill."""
+    groups = collections.defaultdict(list)
+    for r in rows:
+        if r["registers"] is not None:
+            groups[(r["kernel"], r["path"], r["arch"])].append(r)
+    lines = []
+    for (kernel, path, arch), group in sorted(groups.items()):
+        regs = sorted(r["registers"] for r in group)
+        spills = [r["spill_stores"] for r in group if r["spill_code"]]
+        lines.append(f"  {kernel} {path} {arch}: {len(group)} variants, registers "
+                     f"{regs[0]}/{regs[len(regs) // 2]}/{regs[-1]} (min/median/max), "
+                     f"{len(spills)} spilling" + (f" (up to {max(spills)} bytes)" if spills
+                                                  else ""))
+    return lines
 
 
 def write_tables(rows: list[dict], out: Path, summary: list[str]) -> None:
@@ -1116,8 +1156,8 @@ def write_tables(rows: list[dict], out: Path, summary: list[str]) -> None:
           "`ints` each integer argument's type (`/16`: divisible by 16) and the arguments "
           "specialised to a constant; `path`: register path or class-chunked (see the check's "
           "docstring for which spills fail); `loop ops`: local-memory instructions inside a "
-          "loop / in all. Registers per thread, spills and stack in bytes per thread, shared "
-          "memory in bytes per program.", "",
+          "loop / inside an innermost loop / in all. Registers per thread, spills and stack in "
+          "bytes per thread, shared memory in bytes per program.", "",
           "| kernel | arch | path | constexprs | pointers | ints | regs | spill st/ld | "
           "loop ops | stack | smem | s | error |",
           "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -1125,14 +1165,16 @@ def write_tables(rows: list[dict], out: Path, summary: list[str]) -> None:
         md.append(f"| {r['kernel']} | {r['arch']} | {r['path']} | {r['constexprs']} | "
                   f"{r['pointers']} | {r['ints']} | {r['registers']} | "
                   f"{r['spill_stores']}/{r['spill_loads']} | "
-                  f"{_loop_ops(r['spill_code'])} | {r['stack']} | {r['shared']} | "
+                  f"{_loop_ops(r)} | {r['stack']} | {r['shared']} | "
                   f"{r['seconds']} | {r['error'][:80].replace('|', '/')} |")
     (out / "variants.md").write_text("\n".join(md) + "\n")
 
 
-def _loop_ops(spill_code: str) -> str:
-    words = spill_code.split()
-    return f"{words[0]}/{words[2]}" if len(words) > 2 and words[0].isdigit() else spill_code
+def _loop_ops(row: dict) -> str:
+    """``in loops / innermost / all`` local-memory instructions, or why unknown."""
+    if not row["spill_code"] or row["loop_spill_ops"] is None:
+        return row["spill_code"]
+    return f"{row['loop_spill_ops']}/{row['inner_spill_ops']}/{row['spill_code'].split()[2]}"
 
 
 def main(argv=None) -> int:
@@ -1185,11 +1227,14 @@ def main(argv=None) -> int:
         f"{args.jobs} jobs ({time.perf_counter() - t_start:.0f} s in all)",
         f"max registers {top['registers']} ({top['kernel']} {top['arch']} "
         f"[{top['constexprs']}])" if top else "no variant compiled",
-        f"spilling: {len(register_spills)} register-path variants ({len(bad_spills)} failing: "
-        + ("any spill fails" if args.strict_spills else
-           f"spill code in a loop or over {SPILL_ALLOWANCE} bytes")
-        + f"), {len(spilling) - len(register_spills)} class-chunked variants (allowed)",
+        f"spilling: {len(register_spills)} register-path and "
+        f"{len(spilling) - len(register_spills)} class-chunked variants, {len(bad_spills)} "
+        "failing (" + ("any spill fails" if args.strict_spills else
+                       f"over {SPILL_ALLOWANCE} bytes, or spill code in a loop of the register "
+                       "path or an innermost loop of the class-chunked path") + ")",
         f"compile errors: {len(errors)}; sweep coverage problems: {len(problems)}",
+        "registers per kernel, path and arch:",
+        *register_summary(rows),
     ]
     write_tables(rows, Path(args.out), summary)
     for r in spilling:

@@ -1,6 +1,8 @@
 """The Triton kernels directly: the class-chunked path on small class counts (several chunks and a
-ragged last chunk), ties and NaN across chunk boundaries, edge values of the pixel weight and the
-logits, bad labels anywhere in the launch, and int64 offsets on a stack beyond 2^31 elements."""
+ragged last chunk, any number of samples), ties and NaN across chunk boundaries, edge values of the
+pixel weight and the logits, bad labels anywhere in the launch (checked: raised after one flag
+read; unchecked: ignored, with no read), the cached bilinear tables, and int64 offsets on a stack
+beyond 2^31 elements."""
 
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def test_chunked_path_matches_reference(backend, dtype, classes, chunk, beta):
     assert torch.equal(got_pred.cpu(), pred.cpu())
     assert_close(got_sigma, sigma.float(), dtype=torch.float32, scale=5)
     got_loss, got_norm, got_weight = _ops()._forward(input, target, samples, None, weight, 3.0,
-                                                    -100, 0.1, 1, chunk_c=chunk)
+                                                    -100, 0.1, 1, True, chunk_c=chunk)
     assert_close(got_loss, loss.float(), dtype=torch.float32, scale=5)
     assert_close(got_norm.sum(0), lse.float(), dtype=torch.float32, scale=5)
     assert torch.equal(got_norm[0], input.float().amax(1))
@@ -78,7 +80,7 @@ def test_int64_tile_offsets_give_identical_results(backend, chunk):
 
     def run(wide):
         loss, norm, pixel_weight = ops._forward(input, target, samples, None, weight, 2.0, -100,
-                                               0.1, 1, chunk_c=chunk, wide=wide)
+                                               0.1, 1, True, chunk_c=chunk, wide=wide)
         grad = ops._backward(grad_loss, input, target, norm, pixel_weight, weight, -100, 0.1,
                              wide=wide)
         sigma, pred = _sigma_pred(samples, chunk_c=chunk, wide=wide)
@@ -113,7 +115,8 @@ def test_pixel_weight_edge_values(backend, alpha):
                          device=device)
     input = torch.zeros(1, 2, sigma.shape[1], device=device)
     target = torch.zeros(1, sigma.shape[1], dtype=torch.int64, device=device)
-    _, _, pixel_weight = _ops()._forward(input, target, None, sigma, None, alpha, -100, 0.0, 1)
+    _, _, pixel_weight = _ops()._forward(input, target, None, sigma, None, alpha, -100, 0.0, 1,
+                                         True)
     expected = (1.0 + sigma.double()).pow(alpha)
     assert_close(pixel_weight, expected.float(), dtype=torch.float32)
 
@@ -128,14 +131,14 @@ def test_infinite_logits(backend):
     sigma = torch.rand(1, 6, device=device)
     for label_smoothing in (0.0, 0.2):
         loss, norm, _ = _ops()._forward(input, target, None, sigma, None, 2.0, -100,
-                                       label_smoothing, 1)
+                                       label_smoothing, 1, True)
         expected = reference.weighted_cross_entropy(
             input, target, reference.uncertainty_weight(sigma, 2.0),
             label_smoothing=label_smoothing)
         assert_close(loss, expected, msg=f"label_smoothing={label_smoothing}")
         assert_close(norm.sum(0), torch.logsumexp(input, dim=1))
     # label_smoothing=1: the hard term's factor is exactly 0 and is dropped (not 0 * inf = NaN).
-    loss, _, _ = _ops()._forward(input, target, None, sigma, None, 2.0, -100, 1.0, 1)
+    loss, _, _ = _ops()._forward(input, target, None, sigma, None, 2.0, -100, 1.0, 1, True)
     assert loss[0].tolist()[:5] == [float("inf")] * 5 and loss[0, 5] == 0
 
 
@@ -146,7 +149,90 @@ def test_bad_label_anywhere(backend, position):
     target[index] = 7
     with pytest.raises(ValueError, match=r"target contains label 7, outside \[0, 5\) and not "
                                          r"ignore_index \(-100\)"):
-        _ops()._forward(input, target, samples, None, None, 1.0, -100, 0.0, 1)
+        _ops()._forward(input, target, samples, None, None, 1.0, -100, 0.0, 1, True)
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_unchecked_bad_labels_are_ignored(backend, chunk, monkeypatch):
+    """check_labels=False: a bad label gives loss 0 and gradient 0, exactly as ignore_index, and
+    the forward reads nothing back from the device; check_labels=True reads one flag."""
+    device = device_of(backend)
+    input, target, samples = _flat(*make_case(2, 9, (23,), 3, device=device, ignore_frac=0.2))
+    weight = torch.rand(9, device=device) + 0.5
+    bad = target.clone()
+    bad[0, 3], bad[1, 0], bad[1, 22] = 9, -7, 2**40
+    ignored = torch.where(bad == target, target, -100)
+    reads = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(1) or item(t))
+    ops = _ops()
+    grad_loss = torch.rand(target.shape, device=device)
+    results = []
+    for labels in (bad, ignored):
+        loss, norm, pixel_weight = ops._forward(input, labels, samples, None, weight, 2.0, -100,
+                                                0.1, 1, False, chunk_c=chunk)
+        grad = ops._backward(grad_loss, input, labels, norm, pixel_weight, weight, -100, 0.1)
+        results.append((loss, norm, pixel_weight, grad))
+    assert not reads
+    for got, expected in zip(*results, strict=True):
+        assert torch.equal(got, expected)
+    assert torch.count_nonzero(results[0][0][bad != ignored]) == 0
+    ops._forward(input, ignored, samples, None, weight, 2.0, -100, 0.1, 1, True, chunk_c=chunk)
+    assert len(reads) == 1
+
+
+@pytest.mark.parametrize("resample", [False, True], ids=["as-is", "resample"])
+def test_chunked_statistics_any_number_of_samples(backend, resample):
+    """More samples than any register tile could hold (the class-chunked kernels keep per-sample
+    normalisers in memory): the streaming state in two calls, the reduction of a stack, of a
+    state, of a state plus samples, and the fused forward, against float64."""
+    device = device_of(backend)
+    in_hw, out_hw = ((3, 4), (5, 7)) if resample else ((5, 7), (5, 7))
+    gen = torch.Generator().manual_seed(3)
+    first, beta, classes, chunk = 17, 33, 9, 8
+    samples = (torch.randn(beta, 1, classes, in_hw[0] * in_hw[1], generator=gen) * 3).to(device)
+    ops = _ops()
+    state = [torch.zeros(1, classes, 35, device=device) for _ in range(2)]
+    state.append(torch.zeros(1, 35, device=device))
+    ops._mc_accumulate(*state, samples[:first], 0, *in_hw, *out_hw, False, chunk_c=chunk)
+    head = [t.clone() for t in state]
+    ops._mc_accumulate(*state, samples[first:], first, *in_hw, *out_hw, False, chunk_c=chunk)
+    ref = [torch.zeros(t.shape, dtype=torch.float64, device=device) for t in state]
+    reference.mc_accumulate_(*ref, samples.double(), 0, in_hw, out_hw, False)
+    for got, expected in zip(state, ref, strict=True):
+        assert_close(got, expected.float(), dtype=torch.float32, scale=5)
+    expected = reference.mc_reduce(samples.double(), None, None, None, 0, in_hw, out_hw, False, 1,
+                                   True, True)
+    for args in ((samples, None, None, None, 0), (None, *state, beta),
+                 (samples[first:], *head, first)):
+        got = ops._mc_reduce(*args, *in_hw, *out_hw, False, 1, True, True, chunk_c=chunk)
+        assert torch.equal(got[1], expected[1])
+        for i, name in ((0, "sigma"), (2, "entropy"), (3, "mutual_info"), (4, "probs")):
+            assert_close(got[i], expected[i].float(), dtype=torch.float32, scale=5, msg=name)
+    if not resample:
+        input = torch.randn(1, classes, 35, generator=gen).to(device)
+        target = torch.randint(0, classes, (1, 35), generator=gen).to(device)
+        _, _, pixel_weight = ops._forward(input, target, samples, None, None, 2.0, -100, 0.0, 1,
+                                          True, chunk_c=chunk)
+        assert_close(pixel_weight, (1 + expected[0].float()) ** 2, dtype=torch.float32, scale=5)
+
+
+def test_resample_tables_cached_per_device(backend):
+    """The bilinear tables are built once per (dtype, device, sizes, align_corners), on the
+    samples' device, with the values of a fresh build."""
+    device = device_of(backend)
+    ops = _ops()
+    samples = torch.randn(2, 1, 3, 4 * 5, device=device)
+    first = ops._sources(samples, 4, 5, 7, 9, False, True)
+    assert ops._sources(samples, 4, 5, 7, 9, False, True) is first
+    for sizes, tables in (((4, 7), first.tables[:2]), ((5, 9), first.tables[2:])):
+        for got, fresh in zip(tables, ops._source_index(*sizes, False, device), strict=True):
+            assert got.device == samples.device and torch.equal(got, fresh)
+    other = ops._sources(samples.to("meta"), 4, 5, 7, 9, False, True)
+    assert all(t.device.type == "meta" for t in other.tables)
+    corners = ops._sources(samples, 4, 5, 7, 9, True, True)
+    assert not torch.equal(corners.tables[1], first.tables[1])
+    assert ops._sources(samples, 4, 5, 4, 5, False, False).tables is None
 
 
 def test_backward_ignored_pixels_get_zero_even_for_inf_grad(backend):
@@ -154,7 +240,7 @@ def test_backward_ignored_pixels_get_zero_even_for_inf_grad(backend):
     input, target, samples = _flat(*make_case(2, 6, (9,), 3, device=device, ignore_frac=0.5))
     weight = torch.rand(6, device=device) + 0.5
     _, norm, pixel_weight = _ops()._forward(input, target, samples, None, weight, 2.0, -100, 0.1,
-                                           1)
+                                           1, True)
     grad_loss = torch.full(target.shape, float("inf"), device=device)
     grad_loss[target != -100] = 1.0
     grad = _ops()._backward(grad_loss, input, target, norm, pixel_weight, weight, -100, 0.1)

@@ -107,14 +107,26 @@ def resolve_backend(
 def kernel_ops(name: str):
     """The op module of a backend: ``uce_fast.reference`` for "torch" (its ``mc_accumulate_`` and
     ``mc_reduce`` keep the op contract), ``uce_fast.ops`` (compiled), or the Triton ops, which
-    are imported on first use so that Triton is only loaded when it runs."""
+    are registered when the package is imported (below)."""
     if name == "torch":
         return reference
     if name == "triton":
-        from uce_fast.triton import ops as triton_ops
+        if _TRITON_OPS is not None:
+            return _TRITON_OPS
+        # Only where the interpreter was turned on after ``import uce_fast``.
+        from uce_fast import triton as triton_backend
 
-        return triton_ops
+        return triton_backend.register()
     return ops
+
+
+# The Triton ops are defined here, when the package is imported (outside any torch.compile
+# trace), where Triton is installed and can run; this imports Triton but compiles nothing.
+_TRITON_OPS = None
+if _HAS_TRITON and (torch.cuda.is_available() or _triton_interpreted()):
+    from uce_fast import triton as _triton_backend
+
+    _TRITON_OPS = _triton_backend.register()
 
 
 def check_tensor(name: str, value: object, dtypes: tuple[torch.dtype, ...], what: str) -> Tensor:

@@ -14,10 +14,11 @@ correction, check_labels) -> (loss, norm, pixel_weight)``, float32: the weighted
 (B, N) (0 where ignored), the softmax normaliser of the logits ``norm`` (2, B, N) = ``[max_c x_c;
 log Σ_c exp(x_c - max)]`` (their sum is the log-sum-exp) and ``(1 + sigma) ** alpha`` (B, N).
 With ``samples``, sigma is that of ``mc_reduce`` (below) over the stack, from the same per-pixel
-code, in the same pass. A label outside [0, C) that is not ``ignore_index`` raises
-``ValueError`` when ``check_labels`` (on a GPU: one host synchronisation per call, none while a
-CUDA graph is being captured); without it, such a pixel is treated as ignored (loss 0, gradient 0,
-never read out of bounds).
+code, in the same kernel (on the Triton backend above 128 classes: ``mc_reduce``'s class-chunked
+kernel, then the CE, 4 more bytes of sigma per pixel written and read). A label outside [0, C)
+that is not ``ignore_index`` raises ``ValueError`` when ``check_labels`` (on a GPU: one host
+synchronisation per call, none while a CUDA graph is being captured); without it, such a pixel is
+treated as ignored (loss 0, gradient 0, never read out of bounds).
 
 ``uce_fast::uce_backward(grad_loss (B, N) float32, input, target, norm, pixel_weight, weight,
 ignore_index, label_smoothing) -> grad_input`` (B, C, N) in the dtype of ``input``; it never checks

@@ -1,31 +1,16 @@
-"""Triton kernels for U-CE.
+"""Triton kernels of the U-CE loss: the fused forward and the backward (contract:
+``uce_fast.ops``). Layout and offsets as in ``tiles``.
 
-Layout: input (B, C, N), samples (β, B, C, N), all contiguous, so the C values of one pixel are N
-elements apart. Every kernel runs one program per tile of ``BLOCK_N`` consecutive pixels of one
-batch row (a 1-D grid of ``B * cdiv(N, BLOCK_N)`` programs, so no grid-axis limit applies to B)
-and handles classes as the other tile axis: each class row of a tile is a contiguous
-``BLOCK_N``-element load, so loads coalesce along pixels without permuting the tensors. Per-pixel
-quantities are ``BLOCK_N`` vectors; reductions over classes are ``axis=0`` reductions of the
-(classes, pixels) tile.
+The forward computes the weight (1 + sigma)^alpha of each pixel from a given sigma or from the
+Monte-Carlo stack, then the weighted, label-smoothed CE of the logits. With a stack and all classes
+in registers (C <= 128) the sigma comes from the same device functions as ``mc_reduce``'s
+(``mc_kernels._stream_small``, ``_sigma_pred``), in the same program: one read of the stack. With
+class chunks the launcher computes it first with ``mc_reduce``'s class-chunked kernel and this
+kernel reads it (see ``uce_fast.triton.ops``).
 
-Two variants of the Monte-Carlo statistics:
-
-* small C (``BLOCK_C = next_power_of_2(C)`` classes in registers): one pass over the stack; per
-  sample a softmax of the whole (BLOCK_C, BLOCK_N) tile, then a Welford update of the per-class
-  mean and M2 held in registers;
-* large C (class chunks of ``BLOCK_C``): exact, reading the stack twice. Pass A computes each
-  sample's log-sum-exp per pixel with an online max/sum over class chunks and keeps it in a
-  (BETA_PAD, BLOCK_N) register tile; pass B walks the class chunks and, inside each chunk, the
-  samples, forming p = exp(x - lse_s) and the chunk's Welford mean/M2, then folds the chunk's
-  argmax of the mean into a running (best mean, its M2, its class) across chunks.
-
-All math is fp32 (exp2/log2 with log2(e) factors). Offsets: the base of a tile (b·C·N + n0) is
-computed in int64 and samples are stepped by adding B·C·N to a 64-bit pointer (stacks beyond 2^31
-elements are common at segmentation sizes); the offsets inside a tile, c·N + j, are int32 unless
-C·N itself needs int64 (``WIDE``): an int64 offset tile would cost two registers per element in
-the loops over samples. Masked lanes are really computed (and, under the interpreter, really
-evaluated), so masked class rows are set to -inf by ``tl.where`` and masked pixel lanes read 0:
-a padded row then contributes exp(-inf) = 0 and a padded pixel stays finite.
+Labels: both kernels treat a bad label (outside [0, C), not ``ignore_index``) as ignored and
+gather with a clamped index, so nothing is read out of bounds; with ``CHECK_LABELS`` the forward
+also raises a one-word flag for the launcher to report it.
 """
 
 from __future__ import annotations
@@ -33,154 +18,22 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
-NEG_INF = tl.constexpr(float("-inf"))
-POS_INF = tl.constexpr(float("inf"))
-INT32_MAX = tl.constexpr(2147483647)
-
+from uce_fast.triton.mc_kernels import _sigma_pred, _stream_small, _tile_sources
+from uce_fast.triton.tiles import LN2, LOG2E, NEG_INF, _load_classes, _pixel_tile, _tile_offsets
 
 # ------------------------------------------------------------------------------------- helpers
 
 
 @triton.jit
-def _pixel_tile(N, BLOCK_N: tl.constexpr):
-    """This program's tile: (batch row b, first pixel n0, both int64; pixel index j within the
-    tile, int32; mask of real pixels). Program id = b * cdiv(N, BLOCK_N) + tile."""
-    pid = tl.program_id(0).to(tl.int64)
-    tiles = tl.cdiv(N, BLOCK_N)
-    b = pid // tiles
-    n0 = (pid - b * tiles) * BLOCK_N
-    j = tl.arange(0, BLOCK_N)
-    return b, n0, j, j < N - n0
-
-
-@triton.jit
 def _labels(t_tile, j, nmask, C, ignore_index):
-    """(valid, bad, clamped class index int32) for a tile of int64 targets."""
+    """(valid, bad, class index int32) of a tile of int64 targets: valid = a label in [0, C) on a
+    real pixel; bad = a label outside [0, C) that is not ignore_index. The index is the label
+    where it is valid and 0 elsewhere, so gathers with it never leave [0, C)."""
     t = tl.load(t_tile + j, mask=nmask, other=ignore_index)
-    valid = t != ignore_index
-    bad = valid & ((t < 0) | (t >= C))
-    # Clamped so that gathers with it never leave [0, C); a bad label makes the launcher raise.
-    tc = tl.where(valid & (~bad), t, 0).to(tl.int32)
-    return valid & nmask, bad & nmask, tc
-
-
-@triton.jit
-def _tile_offsets(cls, j, N, WIDE: tl.constexpr):
-    """Offsets c·N + j of a (classes, pixels) tile from its base; int64 only when C·N needs it."""
-    if WIDE:  # noqa: SIM108  (a constexpr branch: only one side is compiled)
-        offs = cls.to(tl.int64)[:, None] * N + j[None, :]
-    else:
-        offs = cls[:, None] * N + j[None, :]
-    return offs
-
-
-@triton.jit
-def _load_classes(tile, cls, j, nmask, C, N, WIDE: tl.constexpr):
-    """(classes, pixels) fp32 tile at ``tile`` (the address of class 0, first pixel); padded
-    classes -inf, padded pixels 0."""
-    cmask = cls < C
-    x = tl.load(tile + _tile_offsets(cls, j, N, WIDE), mask=cmask[:, None] & nmask[None, :],
-                other=0.0).to(tl.float32)
-    return tl.where(cmask[:, None], x, NEG_INF)
-
-
-@triton.jit
-def _first_argmax(mean, cls, C):
-    """Per pixel (column): the largest mean and its first class index. NaN counts as the maximum
-    (as torch.argmax): means are probabilities in [0, 1], so NaN is mapped to +inf first."""
-    key = tl.where(mean != mean, POS_INF, mean)
-    key = tl.where((cls < C)[:, None], key, NEG_INF)
-    best = tl.max(key, axis=0)
-    idx = tl.min(tl.where(key == best[None, :], cls[:, None], INT32_MAX), axis=0)
-    return best, idx
-
-
-@triton.jit
-def _pick(tile, cls, idx):
-    """tile[idx[j], j] for each pixel column j (a select, no gather)."""
-    return tl.sum(tl.where(cls[:, None] == idx[None, :], tile, 0.0), axis=0)
-
-
-@triton.jit
-def _sigma_from_m2(m2, inv_denom):
-    v = m2 * inv_denom
-    # M2 >= 0 up to rounding; the clamp keeps NaN.
-    return tl.sqrt(tl.where(v < 0.0, 0.0, v))
-
-
-@triton.jit
-def _mc_small(s_tile, stride_s, C, N, beta, inv_denom, j, nmask,
-              BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr):
-    """(sigma, predicted class) of a pixel tile, all classes in registers: one stack pass."""
-    cls = tl.arange(0, BLOCK_C)
-    mean = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
-    tile = s_tile
-    for s in range(beta):
-        x = _load_classes(tile, cls, j, nmask, C, N, WIDE)
-        mx = tl.max(x, axis=0)
-        e = tl.exp2((x - mx[None, :]) * LOG2E)
-        p = e * (1.0 / tl.sum(e, axis=0))[None, :]
-        # Welford, not sum/sum of squares: with confident, agreeing samples E[p^2] - E[p]^2
-        # cancels catastrophically in fp32; M2 accumulates the small deviations directly.
-        d = p - mean
-        mean += d * (1.0 / (s + 1))
-        m2 += d * (p - mean)
-        tile += stride_s
-    _, idx = _first_argmax(mean, cls, C)
-    return _sigma_from_m2(_pick(m2, cls, idx), inv_denom), idx
-
-
-@triton.jit
-def _mc_chunked(s_tile, stride_s, C, N, beta, inv_denom, j, nmask,
-                BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BETA_PAD: tl.constexpr,
-                WIDE: tl.constexpr):
-    """(sigma, predicted class) of a pixel tile for large C: class chunks, the stack read twice."""
-    chunk = tl.arange(0, BLOCK_C)
-    rows = tl.arange(0, BETA_PAD)
-    # Pass A: log-sum-exp of every sample, online over class chunks.
-    lse_all = tl.zeros([BETA_PAD, BLOCK_N], dtype=tl.float32)
-    tile = s_tile
-    for s in range(beta):
-        m = tl.full([BLOCK_N], NEG_INF, dtype=tl.float32)
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            x = _load_classes(tile, c0 + chunk, j, nmask, C, N, WIDE)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            # -inf - -inf guard: while every value seen is -inf, rescale from 0 instead.
-            m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)
-            acc = acc * tl.exp2((m - m_ref) * LOG2E) + tl.sum(
-                tl.exp2((x - m_ref[None, :]) * LOG2E), axis=0)
-            m = m_new
-        lse_s = m + tl.log2(acc) * LN2
-        lse_all = tl.where(rows[:, None] == s, lse_s[None, :], lse_all)
-        tile += stride_s
-    # Pass B: per class chunk, Welford over the samples, then fold the chunk's argmax in.
-    best = tl.full([BLOCK_N], NEG_INF, dtype=tl.float32)
-    best_m2 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
-    for c0 in range(0, C, BLOCK_C):
-        cls = c0 + chunk
-        mean = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
-        tile = s_tile
-        for s in range(beta):
-            x = _load_classes(tile, cls, j, nmask, C, N, WIDE)
-            lse_s = tl.sum(tl.where(rows[:, None] == s, lse_all, 0.0), axis=0)
-            p = tl.exp2((x - lse_s[None, :]) * LOG2E)
-            d = p - mean
-            mean += d * (1.0 / (s + 1))
-            m2 += d * (p - mean)
-            tile += stride_s
-        c_best, c_idx = _first_argmax(mean, cls, C)
-        # Strict >: on ties (and among NaNs, mapped to +inf) the earlier chunk keeps the pixel.
-        take = c_best > best
-        best = tl.where(take, c_best, best)
-        best_m2 = tl.where(take, _pick(m2, cls, c_idx), best_m2)
-        best_idx = tl.where(take, c_idx, best_idx)
-    return _sigma_from_m2(best_m2, inv_denom), best_idx
+    keep = t != ignore_index
+    bad = keep & ((t < 0) | (t >= C))
+    valid = keep & (~bad) & nmask
+    return valid, bad & nmask, tl.where(valid, t, 0).to(tl.int32)
 
 
 @triton.jit
@@ -192,6 +45,16 @@ def _class_weights(w_ptr, cls, C, HAS_WEIGHT: tl.constexpr):
     else:
         cw = tl.where(cmask, 1.0, 0.0)
     return cw
+
+
+@triton.jit
+def _target_weights(w_ptr, tc, nmask, BLOCK_N: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """Class weight of each pixel's (clamped) label; 1 without a weight tensor."""
+    if HAS_WEIGHT:
+        cw_t = tl.load(w_ptr + tc, mask=nmask, other=0.0)
+    else:
+        cw_t = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
+    return cw_t
 
 
 @triton.jit
@@ -228,27 +91,30 @@ def uce_forward_kernel(
     x_ptr, t_ptr, s_ptr, sig_ptr, w_ptr, loss_ptr, max_ptr, logsum_ptr, pw_ptr, flag_ptr,
     C, N, stride_s, beta, inv_denom, alpha, neg_sign, ignore_index, one_minus_eps, eps_over_c,
     HAS_SAMPLES: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
-    CHUNKED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-    BETA_PAD: tl.constexpr, WIDE: tl.constexpr,
+    CHECK_LABELS: tl.constexpr, CHUNKED: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """Per-pixel U-CE of one tile: the Monte-Carlo sigma (or the given sigma), the weight
-    (1 + sigma)^alpha and the weighted, label-smoothed CE of the logits. Writes only the fp32
-    per-pixel loss, the logits' max and log Σ exp(x - max), and the weight; raises the flag when a
-    label is out of range."""
-    b, n0, j, nmask = _pixel_tile(N, BLOCK_N)
-    pix = b * N + n0  # int64 offset of the tile in the (B, N) per-pixel tensors
-    base = b * C * N + n0  # int64 offset of the tile's class 0 in (B, C, N)
+    """Per-pixel U-CE of one tile: the Monte-Carlo sigma of the stack (``HAS_SAMPLES``, all
+    classes in registers) or the given sigma, the weight (1 + sigma)^alpha and the weighted,
+    label-smoothed CE of the logits (in class chunks with ``CHUNKED``, never together with
+    ``HAS_SAMPLES``). Writes only the fp32
+    per-pixel loss, the logits' max and log Σ exp(x - max), and the weight; with
+    ``CHECK_LABELS`` raises the flag when a label is bad."""
+    b, n0, pix, base, j, nmask = _pixel_tile(C, N, BLOCK_N)
     valid, bad, tc = _labels(t_ptr + pix, j, nmask, C, ignore_index)
-    # One flag word for the whole launch; every writer stores the same value.
-    tl.store(flag_ptr, 1, mask=tl.max(bad.to(tl.int32), axis=0) > 0)
+    if CHECK_LABELS:
+        # One flag word for the whole launch; every writer stores the same value.
+        tl.store(flag_ptr, 1, mask=tl.max(bad.to(tl.int32), axis=0) > 0)
 
     if HAS_SAMPLES:
-        if CHUNKED:
-            sigma, _ = _mc_chunked(s_ptr + base, stride_s, C, N, beta, inv_denom, j, nmask,
-                                   BLOCK_C, BLOCK_N, BETA_PAD, WIDE)
-        else:
-            sigma, _ = _mc_small(s_ptr + base, stride_s, C, N, beta, inv_denom, j, nmask,
-                                 BLOCK_C, BLOCK_N, WIDE)
+        cls = tl.arange(0, BLOCK_C)
+        s_tile, o00, o01, o10, o11, lx0, lx1, ly0, ly1 = _tile_sources(
+            s_ptr, b, n0, j, nmask, C, N, 0, 0, 0, N, s_ptr, s_ptr, s_ptr, s_ptr, BLOCK_N, False)
+        zeros = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
+        mean, m2, _ = _stream_small(zeros, zeros, lx0, s_tile, stride_s, beta, 0, cls, j, nmask,
+                                    C, N, N, o00, o01, o10, o11, lx0, lx1, ly0, ly1, False,
+                                    False, False, False, WIDE)
+        sigma, _ = _sigma_pred(mean, m2, cls, C, inv_denom)
     else:
         sigma = tl.load(sig_ptr + pix + j, mask=nmask, other=0.0)
     pw = _pixel_weight(sigma, alpha, neg_sign)
@@ -283,10 +149,7 @@ def uce_forward_kernel(
         ssum, dt, sm = _ce_terms(x, chunk, C, mx, tc, cw, SMOOTH)
         weight_sum = tl.sum(cw, axis=0)
 
-    if HAS_WEIGHT:
-        cw_t = tl.load(w_ptr + tc, mask=nmask, other=0.0)
-    else:
-        cw_t = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
+    cw_t = _target_weights(w_ptr, tc, nmask, BLOCK_N, HAS_WEIGHT)
     ls = tl.log2(ssum) * LN2
     # A term whose factor is exactly 0 (eps = 1, or eps = 0 via SMOOTH) is dropped by a select,
     # so an infinite lse - x does not turn it into NaN.
@@ -309,9 +172,9 @@ def uce_backward_kernel(
 ):
     """grad_input of one pixel tile, all classes, from the saved per-pixel max, log-sum and weight:
     g = grad_loss * pw, p_c = exp((x_c - max) - logsum),
-    grad_c = g ((1 - eps) cw[t] (p_c - [c = t]) + (eps / C) (S p_c - cw[c])), 0 where ignored."""
-    b, n0, j, nmask = _pixel_tile(N, BLOCK_N)
-    pix = b * N + n0
+    grad_c = g ((1 - eps) cw[t] (p_c - [c = t]) + (eps / C) (S p_c - cw[c])), 0 where the label
+    is ignore_index or bad."""
+    _, _, pix, base, j, nmask = _pixel_tile(C, N, BLOCK_N)
     valid, _, tc = _labels(t_ptr + pix, j, nmask, C, ignore_index)
     g = tl.load(g_ptr + pix + j, mask=nmask, other=0.0) * tl.load(pw_ptr + pix + j, mask=nmask,
                                                                    other=0.0)
@@ -320,10 +183,7 @@ def uce_backward_kernel(
     g = tl.where(valid, g, 0.0)
     mx = tl.load(max_ptr + pix + j, mask=nmask, other=0.0)
     ls = tl.load(logsum_ptr + pix + j, mask=nmask, other=0.0)
-    if HAS_WEIGHT:
-        cw_t = tl.load(w_ptr + tc, mask=nmask, other=0.0)
-    else:
-        cw_t = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
+    cw_t = _target_weights(w_ptr, tc, nmask, BLOCK_N, HAS_WEIGHT)
     # Factors that are exactly 0 are selected, not multiplied: g may be inf.
     k_hard = tl.where(one_minus_eps == 0.0, 0.0, g * one_minus_eps * cw_t)
     k_smooth = g * eps_over_c
@@ -333,7 +193,6 @@ def uce_backward_kernel(
         for c0 in range(0, C, BLOCK_C):
             w_acc += _class_weights(w_ptr, c0 + chunk, C, HAS_WEIGHT)
         weight_sum = tl.sum(w_acc, axis=0)
-    base = b * C * N + n0
     x_tile = x_ptr + base
     out_tile = out_ptr + base
     # Each element is read once and written once; BLOCK_C x BLOCK_N only bounds the registers.
