@@ -611,16 +611,65 @@ class MCSampler:
                 else:
                     module.forward = own
 
+    @contextlib.contextmanager
+    def _skipping_final_upsample(self, cache: dict | None) -> Iterator[None]:
+        """Within the block the model's final upsampling returns its input. An ``nn.Upsample``
+        module making that call is patched for it; otherwise a function mode skips the first
+        F.interpolate after the module call that fed it (only from there to the end of the
+        forward: a mode over the whole pass would cost a Python call per torch op)."""
+        interp = self._plan.final_interp
+        owner = interp.stack[-1] if interp.stack else None
+        if owner is not None and isinstance(owner.module, nn.Upsample):
+            module, calls = owner.module, [0]
+
+            def forward(x, *args, **kwargs):
+                calls[0] += 1
+                return x if calls[0] - 1 == owner.index else original(x, *args, **kwargs)
+
+            original, own = module.forward, module.__dict__.get("forward")
+            module.forward = forward
+            try:
+                yield
+            finally:
+                if own is None:
+                    del module.forward
+                else:
+                    module.forward = own
+            return
+        if interp.feeder is None:
+            # Interpolations inside replayed prefix calls do not run in this pass.
+            replayed = 0 if not cache else self._plan.interps_in_prefix
+            with _Skip(interp.index - replayed):
+                yield
+            return
+        feeder, calls, active = interp.feeder, [0], []
+
+        def after_feeder(module, args, output):
+            calls[0] += 1
+            if calls[0] - 1 == feeder.index:
+                mode = _Skip(0)
+                mode.__enter__()
+                active.append(mode)
+
+        def at_end(module, args, output):
+            while active:
+                active.pop().__exit__(None, None, None)
+
+        handles = [feeder.module.register_forward_hook(after_feeder),
+                   self.model.register_forward_hook(at_end, always_call=True)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
     def _pass(self, inputs: Tensor, k: int, cache: dict | None) -> Tensor:
         """One (batched) sample pass: logits (k·B, C, ...), the final upsampling skipped when
         the low-resolution lever is used."""
         x = inputs if k == 1 else inputs.repeat(k, *([1] * (inputs.dim() - 1)))
         skip = contextlib.nullcontext()
         if self.levers["low_res"].startswith("used"):
-            interp = self._plan.final_interp
-            # Interpolations inside replayed prefix calls do not run in this pass.
-            replayed = 0 if not cache else self._plan.interps_in_prefix
-            skip = _Skip(interp.index - replayed)
+            skip = self._skipping_final_upsample(cache)
         self._sampling = True
         try:
             with self._replaying(cache, k, inputs.shape[0]), \
