@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from uce_fast.accumulator import MCAccumulator
-from uce_fast.sampling import DROPOUT_TYPES, _batch_norm_per_group, mc_dropout
+from uce_fast.sampling import DROPOUT_TYPES, _batch_norm_per_group, forwards_replaced, mc_dropout
 
 __all__ = ["LEVERS", "MCSampler", "add_dropout", "logits_of"]
 
@@ -200,28 +200,24 @@ class _Tracker:
             h.remove()
 
 
-def _copy(value: Any) -> Any:
-    """A fresh copy of a cached output (tensors cloned; containers rebuilt)."""
+def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it (nested tuples, lists, dicts)."""
     if isinstance(value, Tensor):
-        return value.clone()
+        return fn(value)
     if isinstance(value, tuple | list):
-        return type(value)(_copy(v) for v in value)
+        return type(value)(_map_tensors(v, fn) for v in value)
     if isinstance(value, dict):
-        return type(value)((k, _copy(v)) for k, v in value.items())
+        return type(value)((k, _map_tensors(v, fn)) for k, v in value.items())
     return value
 
 
 def _repeat(value: Any, k: int, batch: int) -> Any:
     """A cached output for a batched pass of k samples: every batch-leading tensor repeated."""
-    if isinstance(value, Tensor):
-        if value.dim() == 0 or value.shape[0] != batch:
+    def repeat(t: Tensor) -> Tensor:
+        if t.dim() == 0 or t.shape[0] != batch:
             raise ValueError("a cached output has no batch dim")
-        return value.repeat(k, *([1] * (value.dim() - 1)))
-    if isinstance(value, tuple | list):
-        return type(value)(_repeat(v, k, batch) for v in value)
-    if isinstance(value, dict):
-        return type(value)((k_, _repeat(v, k, batch)) for k_, v in value.items())
-    return value
+        return t.repeat(k, *([1] * (t.dim() - 1)))
+    return _map_tensors(value, repeat)
 
 
 def _state(model: nn.Module) -> tuple:
@@ -490,7 +486,7 @@ class MCSampler:
             n = rec["counts"].get(id(module), 0)
             rec["counts"][id(module)] = n + 1
             if n == call.index:
-                rec["prefix"][(id(module), n)] = _detach(output)
+                rec["prefix"][(id(module), n)] = _map_tensors(output, Tensor.detach)
         return hook
 
     # ------------------------------------------------------------------ passes
@@ -587,7 +583,7 @@ class MCSampler:
         if not cache:
             yield
             return
-        saved = []
+        replacements = []
         counts: dict = {}
         for module in {id(c.module): c.module for c in self._plan.prefix}.values():
             original = module.forward
@@ -598,18 +594,12 @@ class MCSampler:
                 hit = cache.get((id(_m), n))
                 if hit is None:
                     return _f(*args, **kwargs)
-                return _copy(hit) if k == 1 else _repeat(hit, k, batch)
+                return (_map_tensors(hit, Tensor.clone) if k == 1
+                        else _repeat(hit, k, batch))
 
-            saved.append((module, module.__dict__.get("forward")))
-            module.forward = forward
-        try:
+            replacements.append((module, forward))
+        with forwards_replaced(replacements):
             yield
-        finally:
-            for module, own in saved:
-                if own is None:
-                    del module.forward
-                else:
-                    module.forward = own
 
     @contextlib.contextmanager
     def _skipping_final_upsample(self, cache: dict | None) -> Iterator[None]:
@@ -626,15 +616,9 @@ class MCSampler:
                 calls[0] += 1
                 return x if calls[0] - 1 == owner.index else original(x, *args, **kwargs)
 
-            original, own = module.forward, module.__dict__.get("forward")
-            module.forward = forward
-            try:
+            original = module.forward
+            with forwards_replaced([(module, forward)]):
                 yield
-            finally:
-                if own is None:
-                    del module.forward
-                else:
-                    module.forward = own
             return
         if interp.feeder is None:
             # Interpolations inside replayed prefix calls do not run in this pass.
@@ -691,16 +675,6 @@ class MCSampler:
                 acc.update_stack(logits.reshape(k, batch, *logits.shape[1:]))
             del logits
             done += k
-
-
-def _detach(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach()
-    if isinstance(value, tuple | list):
-        return type(value)(_detach(v) for v in value)
-    if isinstance(value, dict):
-        return type(value)((k, _detach(v)) for k, v in value.items())
-    return value
 
 
 def _has_batch(value: Any) -> bool:

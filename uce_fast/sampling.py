@@ -89,9 +89,17 @@ def _batch_norm_per_group(model: nn.Module, groups: int) -> Iterator[None]:
                 "per_forward > 1 with a SyncBatchNorm layer that normalises with batch "
                 "statistics is not supported (its statistics span processes); use "
                 "per_forward=1 or put it in eval mode")
-    saved = [(m, m.__dict__.get("forward")) for m in norms]
-    for m in norms:
-        m.forward = _per_group_batch_norm(m, groups)
+    with forwards_replaced([(m, _per_group_batch_norm(m, groups)) for m in norms]):
+        yield
+
+
+@contextlib.contextmanager
+def forwards_replaced(replacements: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Within the block each module's ``forward`` is the given function (its hooks still run);
+    on exit each module gets back what it had, an instance attribute of its own included."""
+    saved = [(m, m.__dict__.get("forward")) for m, _ in replacements]
+    for m, fn in replacements:
+        m.forward = fn
     try:
         yield
     finally:
