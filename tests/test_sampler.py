@@ -177,6 +177,23 @@ def test_levers_asked_for_where_not_exact_raise():
         MCSampler(model, shared_prefix=True).sample(torch.randn(2, 3, 16, 12), 3)
 
 
+def test_train_pass_required_but_not_exact_raises():
+    torch.manual_seed(0)
+    model = Net().train()
+    x = torch.randn(2, 3, 16, 12)
+    sampler = MCSampler(model, train_pass=True)
+    model(x)
+    sampler.sample(x, 3)
+    model(x)
+    model.stem[1].eval()  # BatchNorm changes mode between the training forward and the passes
+    with pytest.raises(ValueError, match=r"train_pass=True.*BatchNorm modes"):
+        sampler.sample(x, 3)
+    model.stem[1].train()
+    with pytest.raises(ValueError, match=r"train_pass=True.*other inputs"):
+        model(x)
+        sampler.sample(x.clone(), 3)
+
+
 def test_levers_off_are_plain_passes():
     torch.manual_seed(0)
     model = Net().train()

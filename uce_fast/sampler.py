@@ -516,7 +516,7 @@ class MCSampler:
         if recorded["input"] is not inputs or recorded["version"] != inputs._version:
             return "the last training forward ran on other inputs"
         if recorded["state"] != _state(self.model):
-            return ("the BatchNorm/dropout modes or autocast differ between the training "
+            return ("the BatchNorm modes or autocast differ between the training "
                     "forward and the sample passes")
         return ""
 
@@ -527,6 +527,10 @@ class MCSampler:
         if (self.levers["train_pass"] == "used" and not why and recorded["dropout"]
                 and recorded.get("first") is not None):
             first = recorded["first"]
+        if self.options["train_pass"] is True and first is None:
+            raise ValueError(
+                "train_pass=True, but the training forward is not an MC sample here: "
+                + (why or "its dropout was off (eval mode)"))
         cache = None
         reused_prefix = False
         if self.levers["shared_prefix"].startswith("used"):
