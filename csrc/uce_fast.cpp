@@ -9,12 +9,12 @@ TORCH_LIBRARY(uce_fast, m) {
   m.def(
       "uce_forward(Tensor input, Tensor target, Tensor? samples, "
       "Tensor? sigma, Tensor? weight, float alpha, int ignore_index, "
-      "float label_smoothing, int correction, bool check_labels) -> "
-      "(Tensor, Tensor, Tensor)");
+      "float label_smoothing, int correction, bool check_labels, "
+      "int ood_index, float ood_scale) -> (Tensor, Tensor, Tensor)");
   m.def(
       "uce_backward(Tensor grad_loss, Tensor input, Tensor target, "
       "Tensor norm, Tensor pixel_weight, Tensor? weight, int ignore_index, "
-      "float label_smoothing) -> Tensor");
+      "float label_smoothing, int ood_index, float ood_scale) -> Tensor");
   m.def(
       "mc_accumulate_(Tensor(a!) mean, Tensor(b!) m2, Tensor(c!) entropy, "
       "Tensor samples, int count, int in_h, int in_w, int out_h, int out_w, "

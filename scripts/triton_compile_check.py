@@ -46,12 +46,12 @@ The sweep, and why it cannot miss a launcher path
   groups. One value per group is kept: a practical one (19, 150, β = 10, ...) where the group has
   one, else its smallest. A new threshold in the config functions gives a new group.
 * Every other input of the launchers is an axis of the sweep: input and sample dtypes, class
-  weight, label smoothing, checked or unchecked labels, sigma given or samples, resampling, a
-  state (count > 0) or none, want_probs / want_entropy, ``wide=`` (forced int64 in-tile offsets)
-  and ``chunk_c=`` (a forced class chunk); and the shapes: N a multiple of 16 (B = 2), N odd
-  (B = 3, so B·N, B·C·N and the views at those offsets are odd too), N = 1 (no spatial dims),
-  stacks beyond 2^31 elements (int64 strides, natural WIDE for large C), resampling along one
-  dim only, nothing to do.
+  weight, label smoothing, entropy maximisation (OoD pixels or none), checked or unchecked
+  labels, sigma given or samples, resampling, a state (count > 0) or none, want_probs /
+  want_entropy, ``wide=`` (forced int64 in-tile offsets) and ``chunk_c=`` (a forced class
+  chunk); and the shapes: N a multiple of 16 (B = 2), N odd (B = 3, so B·N, B·C·N and the views
+  at those offsets are odd too), N = 1 (no spatial dims), stacks beyond 2^31 elements (int64
+  strides, natural WIDE for large C), resampling along one dim only, nothing to do.
 * Two checks make a sweep that no longer covers the launchers fail: every kernel launch site in
   ops.py must be reached, and every statement of ops.py that the launchers execute must have
   run (error paths excepted: a ``raise``, or a call of a function that always raises). A new
@@ -74,11 +74,14 @@ configurations of the same kernel are compiled with:
   resampling / none rows vary one axis at a time from the practical row (state, samples,
   resampling), each row in both settings;
 * flags (weight, smoothing, want_probs, want_entropy) in every combination at the practical
-  small C, all off at the practical large C; unchecked labels, forced int64 offsets and int64
+  small C, all off at the practical large C; OoD pixels (which select the smoothing variants:
+  no compile of their own unless those change) without smoothing at the practical small and
+  large C, and with a forced class chunk; unchecked labels, forced int64 offsets and int64
   strides at the practical small and large C; forced class chunks at the practical small C;
 * integer specialisation groups of β, S and count at the practical small C only;
-* runtime values (alpha, ignore_index, correction, align_corners) once: floats are never
-  specialised by the JIT and the others do not change which variant is chosen.
+* runtime values (alpha, ignore_index, ood_index, ood_scale, correction, align_corners) once:
+  floats are never specialised by the JIT and the others do not change which variant is
+  chosen.
 
 Provably redundant compiles are dropped by construction: launches with the same JIT key are one
 compile. No tile is sized by β or S (the class-chunked kernels keep per-sample normalisers in
@@ -156,6 +159,10 @@ COUNT_SCAN = 40
 #: binary), then of sample counts (the paper's β = 10 and 6).
 PRACTICAL_C = (19, 21, 150, 1000, 2)
 PRACTICAL_BETA = (10, 6, 2, 1)
+#: (ood_index, ood_scale) of the U-CE ops with OoD pixels (a label outside [0, C) for every
+#: scanned C) and without them (ood_index = ignore_index = -100).
+OOD_ON = (-1, 9.0)
+OOD_OFF = (-100, 0.0)
 
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _SASS_LABEL = re.compile(r"^\s*([.\w]+):\s*$")
@@ -484,7 +491,14 @@ class Sweep:
             sigma=self.meta(B, N) if beta is None else None,
             weight=self.meta(C) if p["weight"] else None, alpha=p.get("alpha", 3.0),
             ignore_index=-100, label_smoothing=0.1 if p["smooth"] else 0.0, correction=1,
-            check_labels=p.get("check", True), chunk_c=p["chunk_c"], wide=p["wide"])
+            check_labels=p.get("check", True), **self._ood(p), chunk_c=p["chunk_c"],
+            wide=p["wide"])
+
+    @staticmethod
+    def _ood(p: dict) -> dict:
+        """The U-CE ops' ood_index and ood_scale at point ``p``."""
+        ood_index, ood_scale = OOD_ON if p.get("ood") else OOD_OFF
+        return dict(ood_index=ood_index, ood_scale=ood_scale)
 
     def backward(self, p: dict):
         """The backward launcher called as the forward op's autograd formula calls it, on the
@@ -495,7 +509,7 @@ class Sweep:
                       if getattr(v, "_init_fn", None) is self.s.launchers["_forward"])
         inputs = (self.meta(B, C, N, dtype=p["input"]), self.meta(B, N, dtype=t.int64), None,
                   self.meta(B, N), self.meta(C) if p["weight"] else None, 3.0, -100,
-                  0.1 if p["smooth"] else 0.0, 1, False)
+                  0.1 if p["smooth"] else 0.0, 1, False, *self._ood(p).values())
         outputs = fwd_op._abstract_fn(*inputs)
         ctx = types.SimpleNamespace(needs_input_grad=(True,) + (False,) * (len(inputs) - 1))
         ctx.save_for_backward = lambda *ts: setattr(ctx, "saved_tensors", ts)
@@ -658,7 +672,7 @@ class Sweep:
 
         def fwd(**p):
             base = dict(C=19, beta=None, input=f32, samples=f32, weight=True, smooth=True,
-                        check=True, chunk_c=None, wide=False)
+                        ood=False, check=True, chunk_c=None, wide=False)
             base.update(p)
             return ("forward", self.pixel_point(base.pop("shape", "n16"), **base))
 
@@ -688,6 +702,9 @@ class Sweep:
             for w, sm in itertools.product((True, False), repeat=2):
                 if self.full or c == small or not (w or sm):
                     out.append(fwd(C=c, beta=beta, weight=w, smooth=sm))
+            # OoD pixels: the smoothing variants, chosen for them without label smoothing.
+            out += [fwd(C=c, beta=beta, weight=w, smooth=False, ood=True)
+                    for w in ((True, False) if self.full or c == small else (False,))]
         pairs = list(itertools.product(self.dtypes, self.dtypes))
         out += [fwd(C=small, beta=10, input=a, samples=b) for a, b in pairs]
         out += [fwd(C=large, beta=10, input=a, samples=b)
@@ -704,6 +721,7 @@ class Sweep:
                 for c, beta in itertools.product(c_tiles, (10, None))]
         for chunk, beta in itertools.product(self._forced_chunks(), (None, 2, 10)):
             out.append(fwd(C=small, beta=beta, chunk_c=chunk))
+            out.append(fwd(C=small, beta=beta, chunk_c=chunk, smooth=False, ood=True))
         out.append(fwd(shape="empty"))
         out.append(fwd(alpha=2.5))  # a non-integer exponent (a runtime value only)
 
@@ -711,7 +729,8 @@ class Sweep:
         f32 = self.torch.float32
 
         def bwd(**p):
-            base = dict(C=19, input=f32, weight=True, smooth=True, wide=False, chunk_c=None)
+            base = dict(C=19, input=f32, weight=True, smooth=True, ood=False, wide=False,
+                        chunk_c=None)
             base.update(p)
             return ("backward", self.pixel_point(base.pop("shape", "n16"), **base))
 
@@ -727,6 +746,8 @@ class Sweep:
             out += [bwd(C=c, weight=w, smooth=sm)
                     for w, sm in itertools.product((True, False), repeat=2)
                     if self.full or c == small or not (w or sm)]
+            out += [bwd(C=c, weight=w, smooth=False, ood=True)
+                    for w in ((True, False) if self.full or c == small else (False,))]
             out += [bwd(C=c, input=dt) for dt in self.dtypes]
             out.append(bwd(C=c, wide=True))
         out.append(bwd(C=small, shape="big"))
@@ -1041,8 +1062,8 @@ def _describe(v: Variant) -> dict:
     p = v.points[0]
     example = {k: (_dtype_name(x) if "dtype" in type(x).__name__ else x) for k, x in p.items()
                if k in ("launcher", "C", "beta", "S", "count", "input", "samples", "shape",
-                        "resample", "check", "weight", "smooth", "probs", "entropy", "wide",
-                        "chunk_c")}
+                        "resample", "check", "weight", "smooth", "ood", "probs", "entropy",
+                        "wide", "chunk_c")}
     return dict(kernel=v.kernel, arch=f"sm_{v.arch}",
                 constexprs=" ".join(f"{n}={int(x) if isinstance(x, bool) else x}"
                                     for n, x in declared.items()),

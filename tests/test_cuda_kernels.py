@@ -2,8 +2,9 @@
 misaligned and odd pixel counts), the register-tile buckets and the class-chunked path (with its
 shared-memory and global-scratch variants), the fused forward's sigma against mc_reduce's, label
 errors read back from the device (one host synchronisation per checked forward, none otherwise),
-CUDA graph capture, streams, and tensors over 2^31 elements. Everything runs the ops directly on
-the (B, C, N) contract and compares with the reference on the same values."""
+entropy maximisation (OoD labels), CUDA graph capture, streams, and tensors over 2^31 elements.
+Everything runs the ops directly on the (B, C, N) contract and compares with the reference on the
+same values."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ pytestmark = pytest.mark.skipif(
 
 OPS = torch.ops.uce_fast
 NO_BAD_PIXEL = 2**63 - 1
+# The ops' (ood_index, ood_scale) with entropy maximisation off: ood_index == ignore_index (-100).
+NO_OOD = (-100, 0.0)
+OOD = 254
 
 
 def _with_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
@@ -49,9 +53,19 @@ def _problem(batch, classes, pixels, beta, *, dtype=torch.float32, sample_dtype=
             samples.to(device, sample_dtype or dtype))
 
 
+def _ood_mask(target, ignore_index, ood_index, ood_scale):
+    """The OoD pixels (entropy maximisation), on the CPU: labelled ood_index, on only when
+    ood_index is not ignore_index and ood_scale > 0; None when off."""
+    if ood_index is None or ood_index == ignore_index or ood_scale == 0:
+        return None
+    return target.cpu() == ood_index
+
+
 def _expected(input, target, samples, sigma, weight, alpha, ignore_index, eps, correction,
-              grad_loss):
-    """(loss, lse, pixel_weight, grad_input) from the reference, on the CPU, same values."""
+              grad_loss, ood_index=None, ood_scale=0.0):
+    """(loss, lse, pixel_weight, grad_input) from the reference, on the CPU, same values; OoD
+    pixels (``_ood_mask``) get ood_scale times the CE against the uniform distribution and the
+    pixel weight ood_scale."""
     x = input.detach().cpu().requires_grad_(True)
     if samples is not None:
         sigma = reference.mc_uncertainty(samples.cpu(), correction)[0]
@@ -59,11 +73,16 @@ def _expected(input, target, samples, sigma, weight, alpha, ignore_index, eps, c
     if alpha == 0:
         pixel_weight = torch.ones_like(pixel_weight)
     w = None if weight is None else weight.cpu()
+    ood = _ood_mask(target, ignore_index, ood_index, ood_scale)
     loss = reference.weighted_cross_entropy(x, target.cpu(), pixel_weight, weight=w,
-                                            ignore_index=ignore_index, label_smoothing=eps)
+                                            ignore_index=ignore_index, label_smoothing=eps,
+                                            ood=ood, ood_scale=ood_scale)
     (grad,) = torch.autograd.grad(loss, x, grad_loss.cpu())
     lse = torch.logsumexp(x.detach().float(), dim=1)
-    return loss.detach(), lse, pixel_weight.float(), grad
+    pixel_weight = pixel_weight.float()
+    if ood is not None:
+        pixel_weight = torch.where(ood, torch.tensor(ood_scale), pixel_weight)
+    return loss.detach(), lse, pixel_weight, grad
 
 
 def _sigma_pred(samples, correction):
@@ -75,16 +94,19 @@ def _sigma_pred(samples, correction):
 
 
 def _check_all_ops(input, target, samples, *, weight=None, alpha=3.0, ignore_index=-100,
-                   eps=0.1, correction=1, sigma=None, scale=1.0):
+                   eps=0.1, correction=1, sigma=None, scale=1.0, ood_index=None, ood_scale=0.0):
     """Forward and backward of the CUDA kernels, and mc_reduce's (sigma, pred) of the same
-    samples, against the reference."""
+    samples, against the reference. ood_index None: entropy maximisation off (the ops get
+    ood_index = ignore_index)."""
     grad_loss = torch.rand(target.shape, device=input.device) + 0.5
+    ood_args = (ignore_index if ood_index is None else ood_index, ood_scale)
     loss, norm, pixel_weight = OPS.uce_forward(input, target, samples, sigma, weight, alpha,
-                                              ignore_index, eps, correction, True)
+                                              ignore_index, eps, correction, True, *ood_args)
     grad = OPS.uce_backward(grad_loss, input, target, norm, pixel_weight, weight, ignore_index,
-                            eps)
+                            eps, *ood_args)
     ref = _expected(input, target, samples, sigma, weight, alpha, ignore_index, eps, correction,
-                    grad_loss)
+                    grad_loss, ood_index, ood_scale)
+    # The pixels with a loss: not ignored (the labels here are never bad ones).
     valid = (target != ignore_index).cpu()
     assert_close(loss.cpu(), ref[0], dtype=torch.float32, scale=5 * scale, msg="loss")
     assert_close(norm.sum(0).cpu(), ref[1], dtype=torch.float32, scale=scale, msg="lse")
@@ -178,11 +200,11 @@ def test_fused_sigma_is_mc_reduce_sigma(sample_dtype, classes, beta, pixels):
     weight = torch.rand(classes, device="cuda") + 0.5
     for correction in (0, 1):
         fused = OPS.uce_forward(input, target, samples, None, weight, 10.0, -100, 0.1,
-                                correction, True)
+                                correction, True, *NO_OOD)
         sigma, pred, *_ = OPS.mc_reduce(samples, None, None, None, 0, 1, pixels, 1, pixels,
                                         False, correction, False, False)
         given = OPS.uce_forward(input, target, None, sigma, weight, 10.0, -100, 0.1, correction,
-                                True)
+                                True, *NO_OOD)
         for name, a, b in zip(("loss", "norm", "pixel_weight"), fused, given, strict=True):
             assert torch.equal(_bits(a), _bits(b)), name
         assert torch.equal(pred[:, :64].cpu(), torch.zeros(2, 64, dtype=torch.int64))
@@ -203,9 +225,10 @@ def test_non_finite_values_match_cpu_kernels(classes, fill):
     input[0, 1, 5] = fill               # one logit
     input[0, :, 6] = fill               # every logit of a pixel
     for eps in (0.0, 0.1):
-        got = OPS.uce_forward(input, target, samples, None, None, 2.0, -100, eps, 1, True)
+        got = OPS.uce_forward(input, target, samples, None, None, 2.0, -100, eps, 1, True,
+                              *NO_OOD)
         want = OPS.uce_forward(input.cpu(), target.cpu(), samples.cpu(), None, None, 2.0, -100,
-                               eps, 1, True)
+                               eps, 1, True, *NO_OOD)
         for name, a, b in zip(("loss", "norm", "pixel_weight"), got, want, strict=True):
             assert_close(a.cpu(), b, scale=5, msg=name)
     sig, pred = _sigma_pred(samples, 1)
@@ -266,10 +289,10 @@ def test_bad_labels_raise_first_in_memory_order(classes, with_samples):
     input, target, args, _ = _bad_labels(classes, with_samples)
     pattern = rf"target contains label -7, outside \[0, {classes}\) and not ignore_index \(-100\)"
     with pytest.raises(ValueError, match=pattern):
-        OPS.uce_forward(input, target, *args, None, 2.0, -100, 0.0, 1, True)
+        OPS.uce_forward(input, target, *args, None, 2.0, -100, 0.0, 1, True, *NO_OOD)
     torch.cuda.synchronize()
     target_ok = target.clamp(0, classes - 1)
-    loss = OPS.uce_forward(input, target_ok, *args, None, 2.0, -100, 0.0, 1, True)[0]
+    loss = OPS.uce_forward(input, target_ok, *args, None, 2.0, -100, 0.0, 1, True, *NO_OOD)[0]
     assert torch.isfinite(loss).all()
 
 
@@ -285,24 +308,85 @@ def test_unchecked_bad_labels_are_ignored_pixels_without_a_sync(classes, with_sa
     weight = torch.rand(classes, device="cuda") + 0.5
 
     def run(t, check):
-        loss, norm, pw = OPS.uce_forward(input, t, *args, weight, 2.0, -100, 0.1, 1, check)
+        loss, norm, pw = OPS.uce_forward(input, t, *args, weight, 2.0, -100, 0.1, 1, check,
+                                         *NO_OOD)
         return loss, norm, pw
 
     got, n = _syncs(lambda: run(target, False))
     assert n == 0
     grad, n = _syncs(lambda: OPS.uce_backward(grad_loss, input, target, got[1], got[2], weight,
-                                              -100, 0.1))
+                                              -100, 0.1, *NO_OOD))
     assert n == 0
     assert torch.count_nonzero(got[0][bad]) == 0
     assert torch.count_nonzero(grad.transpose(0, 1)[:, bad]) == 0
     ignored = target.masked_fill(bad, -100)
     want, n = _syncs(lambda: run(ignored, True))
     assert n == 1
-    want_grad = OPS.uce_backward(grad_loss, input, ignored, want[1], want[2], weight, -100, 0.1)
+    want_grad = OPS.uce_backward(grad_loss, input, ignored, want[1], want[2], weight, -100, 0.1,
+                                 *NO_OOD)
     for name, a, b in zip(("loss", "norm", "pixel_weight", "grad"), (*got, grad),
                           (*want, want_grad), strict=True):
         assert torch.equal(a, b), name
     _check_all_ops(input, ignored, args[0], sigma=args[1], weight=weight)
+
+
+@pytest.mark.parametrize("classes", [5, 150])
+@pytest.mark.parametrize("with_samples", [True, False], ids=["samples", "sigma"])
+def test_ood_labels_sync_once_checked_and_match_the_cpu_kernels(classes, with_samples):
+    """Entropy maximisation: OoD labels are never bad ones, so a checked forward with OoD and
+    ignored labels synchronises exactly once and an unchecked one never (nor the backward); the
+    results equal the CPU kernels' and the reference's. Bad labels beside OoD ones: checked, the
+    first in memory order is named in the wording that names ood_index; unchecked, their pixels
+    are ignored ones, bit for bit, while the OoD pixels keep their loss."""
+    input, target, args, bad = _bad_labels(classes, with_samples)
+    target[0, :39:3] = OOD       # OoD labels before the first bad one, (0, 39)
+    target[1, 7] = OOD
+    ood = target == OOD
+    clean = target.masked_fill(bad, -100)
+    grad_loss = torch.rand(target.shape, device="cuda") + 0.5
+    weight = torch.rand(classes, device="cuda") + 0.5
+
+    def run(t, check):
+        return OPS.uce_forward(input, t, *args, weight, 2.0, -100, 0.1, 1, check, OOD, 3.0)
+
+    def backward(t, out):
+        return OPS.uce_backward(grad_loss, input, t, out[1], out[2], weight, -100, 0.1, OOD, 3.0)
+
+    want, n = _syncs(lambda: run(clean, True))
+    assert n == 1
+    want_grad, n = _syncs(lambda: backward(clean, want))
+    assert n == 0
+    unchecked, n = _syncs(lambda: run(clean, False))
+    assert n == 0
+    for name, a, b in zip(("loss", "norm", "pixel_weight"), unchecked, want, strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(want[2][ood], torch.full_like(want[2][ood], 3.0))
+    assert (want[0][ood] > 0).all()
+
+    cpu_args = [None if a is None else a.cpu() for a in args]
+    cpu = OPS.uce_forward(input.cpu(), clean.cpu(), *cpu_args, weight.cpu(), 2.0, -100, 0.1, 1,
+                          True, OOD, 3.0)
+    cpu_grad = OPS.uce_backward(grad_loss.cpu(), input.cpu(), clean.cpu(), cpu[1], cpu[2],
+                                weight.cpu(), -100, 0.1, OOD, 3.0)
+    for name, a, b in zip(("loss", "norm", "pixel_weight", "grad"), (*want, want_grad),
+                          (*cpu, cpu_grad), strict=True):
+        assert_close(a.cpu(), b, scale=5, msg=f"{name} vs the CPU kernels")
+
+    pattern = (rf"target contains label -7, outside \[0, {classes}\) and neither ignore_index "
+               rf"\(-100\) nor ood_index \({OOD}\)")
+    with pytest.raises(ValueError, match=pattern):
+        run(target, True)
+    torch.cuda.synchronize()
+    got, n = _syncs(lambda: run(target, False))
+    assert n == 0
+    grad, n = _syncs(lambda: backward(target, got))
+    assert n == 0
+    for name, a, b in zip(("loss", "norm", "pixel_weight", "grad"), (*got, grad),
+                          (*want, want_grad), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.count_nonzero(got[0][bad]) == 0
+    _check_all_ops(input, clean, args[0], sigma=args[1], weight=weight, ood_index=OOD,
+                   ood_scale=3.0)
 
 
 def test_ignore_index_inside_class_range():
@@ -319,13 +403,13 @@ def test_ignored_pixels_get_exact_zero_grad_under_non_finite_upstream(dtype, ups
     input, target, samples = _problem(2, 19, 64, 3, dtype=dtype, ignore_index=255)
     weight = torch.rand(19, device="cuda") + 0.5
     _, norm, pixel_weight = OPS.uce_forward(input, target, samples, None, weight, 10.0, 255, 0.1,
-                                           1, True)
+                                           1, True, 255, 0.0)
     ignored = target == 255
     assert 0 < ignored.sum() < ignored.numel()
     grad_loss = torch.rand(target.shape, device="cuda") + 0.5
     grad_loss[ignored] = upstream
     grad = OPS.uce_backward(grad_loss, input, target, norm, pixel_weight, weight, 255,
-                            0.1).cpu()
+                            0.1, 255, 0.0).cpu()
     ref = _expected(input, target, samples, None, weight, 10.0, 255, 0.1, 1, grad_loss)[3]
     per_class = ignored.cpu().unsqueeze(1).expand_as(grad)
     assert torch.equal(ref[per_class], torch.zeros_like(ref[per_class])), "reference"
@@ -342,9 +426,9 @@ def test_runs_on_the_current_stream():
     with torch.cuda.stream(stream):
         input, target, samples = _problem(2, 19, 1000, 3)
         loss, norm, pixel_weight = OPS.uce_forward(input, target, samples, None, None, 3.0, -100,
-                                                  0.0, 1, True)
+                                                  0.0, 1, True, *NO_OOD)
         grad = OPS.uce_backward(torch.ones_like(norm), input, target, norm, pixel_weight, None,
-                                -100, 0.0)
+                                -100, 0.0, *NO_OOD)
     stream.synchronize()
     ref = _expected(input, target, samples, None, None, 3.0, -100, 0.0, 1,
                     torch.ones_like(norm))
@@ -362,9 +446,11 @@ def test_second_device():
 def test_tensors_on_different_devices_are_rejected():
     input, target, samples = _problem(2, 5, 16, 3)
     with pytest.raises(RuntimeError, match="target must be a CUDA tensor"):
-        OPS.uce_forward(input, target.cpu(), samples, None, None, 2.0, -100, 0.0, 1, True)
+        OPS.uce_forward(input, target.cpu(), samples, None, None, 2.0, -100, 0.0, 1, True,
+                        *NO_OOD)
     with pytest.raises(RuntimeError, match="samples must be a CUDA tensor"):
-        OPS.uce_forward(input, target, samples.cpu(), None, None, 2.0, -100, 0.0, 1, True)
+        OPS.uce_forward(input, target, samples.cpu(), None, None, 2.0, -100, 0.0, 1, True,
+                        *NO_OOD)
 
 
 @pytest.mark.parametrize("check_labels", [True, False])
@@ -376,12 +462,13 @@ def test_cuda_graph_capture_and_replay(check_labels):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        eager = OPS.uce_forward(input, target, samples, None, None, 3.0, -100, 0.1, 1, True)
+        eager = OPS.uce_forward(input, target, samples, None, None, 3.0, -100, 0.1, 1, True,
+                                *NO_OOD)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = OPS.uce_forward(input, target, samples, None, None, 3.0, -100, 0.1, 1,
-                                   check_labels)
+                                   check_labels, *NO_OOD)
     graph.replay()
     torch.cuda.synchronize()
     for a, b in zip(captured, eager, strict=True):
@@ -417,18 +504,19 @@ def test_more_than_2_pow_31_elements(classes, vector):
                                          generator=gen)
     target = torch.randint(0, classes, (1, pixels), device="cuda", generator=gen)
     loss, norm, pixel_weight = OPS.uce_forward(input, target, samples, None, None, 10.0, -100,
-                                              0.1, 1, True)
+                                              0.1, 1, True, *NO_OOD)
     grad_loss = torch.ones_like(loss)
-    grad = OPS.uce_backward(grad_loss, input, target, norm, pixel_weight, None, -100, 0.1)
+    grad = OPS.uce_backward(grad_loss, input, target, norm, pixel_weight, None, -100, 0.1,
+                            *NO_OOD)
     sigma, pred = _sigma_pred(samples, 1)
     for part in (slice(0, 1000), slice(pixels - 1000, pixels)):
         x, s, t = (input[..., part].contiguous(), samples[..., part].contiguous(),
                    target[..., part].contiguous())
-        small = OPS.uce_forward(x, t, s, None, None, 10.0, -100, 0.1, 1, True)
+        small = OPS.uce_forward(x, t, s, None, None, 10.0, -100, 0.1, 1, True, *NO_OOD)
         assert_close(loss[..., part], small[0], msg="loss")
         assert_close(norm[..., part], small[1], msg="norm")
         small_grad = OPS.uce_backward(torch.ones_like(small[0]), x, t, small[1], small[2], None,
-                                      -100, 0.1)
+                                      -100, 0.1, *NO_OOD)
         assert_close(grad[..., part], small_grad, msg="grad")
         small_sigma, small_pred = _sigma_pred(s, 1)
         assert_close(sigma[..., part], small_sigma, msg="sigma")

@@ -33,26 +33,36 @@ def _flat(input, target, samples):
 @pytest.mark.parametrize("with_samples", [True, False], ids=["samples", "sigma"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["no-weight", "weight"])
 @pytest.mark.parametrize("check_labels", [True, False], ids=["checked", "unchecked"])
-def test_opcheck_uce_forward(backend, dtype, with_samples, weighted, check_labels):
+@pytest.mark.parametrize("ood", [False, True], ids=["no-ood", "ood"])
+def test_opcheck_uce_forward(backend, dtype, with_samples, weighted, check_labels, ood):
     device = device_of(backend)
     input, target, samples = _flat(*make_case(2, 7, (5, 3), 3, dtype=dtype, device=device))
+    if ood:
+        target = target.clone()
+        target[:, ::3] = 9
     sigma = torch.rand(target.shape, device=device)
     weight = torch.rand(7, device=device) if weighted else None
     args = (input, target, samples if with_samples else None, None if with_samples else sigma,
-            weight, 2.0, -100, 0.1, 1, check_labels)
+            weight, 2.0, -100, 0.1, 1, check_labels, 9 if ood else -100, 3.0 if ood else 0.0)
     torch.library.opcheck(_op(backend, "uce_forward").default, args)
 
 
 @pytest.mark.parametrize("backend", NATIVE)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_opcheck_uce_backward(backend, dtype):
+@pytest.mark.parametrize("ood", [False, True], ids=["no-ood", "ood"])
+def test_opcheck_uce_backward(backend, dtype, ood):
     device = device_of(backend)
     input, target, samples = _flat(*make_case(2, 7, (5, 3), 3, dtype=dtype, device=device))
+    if ood:
+        target = target.clone()
+        target[:, ::3] = 9
+    ood_args = (9, 3.0) if ood else (-100, 0.0)
     _, norm, pixel_weight = _op(backend, "uce_forward")(
-        input, target, samples, None, None, 2.0, -100, 0.0, 1, True)
+        input, target, samples, None, None, 2.0, -100, 0.0, 1, True, *ood_args)
     grad = torch.rand(target.shape, device=device)
     torch.library.opcheck(_op(backend, "uce_backward").default,
-                          (grad, input.detach(), target, norm, pixel_weight, None, -100, 0.0))
+                          (grad, input.detach(), target, norm, pixel_weight, None, -100, 0.0,
+                           *ood_args))
 
 
 def test_native_devices_reports_compiled_kernels():

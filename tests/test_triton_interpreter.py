@@ -20,8 +20,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-FILES = ["test_functional.py", "test_functional_errors.py", "test_ops.py", "test_triton_kernels.py",
-         "test_accumulator.py", "test_testing.py"]
+FILES = ["test_functional.py", "test_functional_errors.py", "test_functional_ood.py", "test_ops.py",
+         "test_triton_kernels.py", "test_accumulator.py", "test_testing.py"]
 SELECTION = [*(str(Path("tests") / name) for name in FILES), "-k", "triton", "-m", "not slow"]
 
 pytestmark = [

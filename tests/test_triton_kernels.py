@@ -2,7 +2,8 @@
 ragged last chunk, any number of samples), ties and NaN across chunk boundaries, edge values of the
 pixel weight and the logits, bad labels anywhere in the launch (checked: raised after one flag
 read; unchecked: ignored, with no read), the cached bilinear tables, and int64 offsets on a stack
-beyond 2^31 elements."""
+beyond 2^31 elements. Entropy maximisation (OoD pixels) on those paths: the class chunks, the int64
+offsets, -inf logits and infinite upstream gradients in the variants it selects."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ import uce_fast
 from uce_fast import reference
 
 pytestmark = pytest.mark.parametrize("backend", backend_params(["triton"]))
+
+#: The ops' (ood_index, ood_scale) with entropy maximisation off (ood_index == ignore_index), and
+#: an OoD label with its scale.
+NO_OOD = (-100, 0.0)
+OOD = 254
 
 
 def _ops():
@@ -61,7 +67,7 @@ def test_chunked_path_matches_reference(backend, dtype, classes, chunk, beta):
     assert torch.equal(got_pred.cpu(), pred.cpu())
     assert_close(got_sigma, sigma.float(), dtype=torch.float32, scale=5)
     got_loss, got_norm, got_weight = _ops()._forward(input, target, samples, None, weight, 3.0,
-                                                    -100, 0.1, 1, True, chunk_c=chunk)
+                                                    -100, 0.1, 1, True, *NO_OOD, chunk_c=chunk)
     assert_close(got_loss, loss.float(), dtype=torch.float32, scale=5)
     assert_close(got_norm.sum(0), lse.float(), dtype=torch.float32, scale=5)
     assert torch.equal(got_norm[0], input.float().amax(1))
@@ -70,19 +76,26 @@ def test_chunked_path_matches_reference(backend, dtype, classes, chunk, beta):
 
 
 @pytest.mark.parametrize("chunk", [None, 8])
-def test_int64_tile_offsets_give_identical_results(backend, chunk):
-    """The int64 in-tile offsets (used when C·N needs them) on a small problem: bit-identical."""
+@pytest.mark.parametrize("ood", [False, True], ids=["no-ood", "ood"])
+def test_int64_tile_offsets_give_identical_results(backend, chunk, ood):
+    """The int64 in-tile offsets (used when C·N needs them) on a small problem: bit-identical;
+    with OoD pixels in the variant they select (no label smoothing)."""
     input, target, samples = _flat(*make_case(2, 19, (45,), 3, dtype=torch.bfloat16,
                                               device=device_of(backend)))
     weight = torch.rand(19, device=input.device)
     grad_loss = torch.rand(target.shape, device=input.device)
+    smoothing, ood_args = 0.1, NO_OOD
+    if ood:
+        target[:, 1::4] = OOD
+        smoothing, ood_args = 0.0, (OOD, 2.5)
     ops = _ops()
 
     def run(wide):
         loss, norm, pixel_weight = ops._forward(input, target, samples, None, weight, 2.0, -100,
-                                               0.1, 1, True, chunk_c=chunk, wide=wide)
-        grad = ops._backward(grad_loss, input, target, norm, pixel_weight, weight, -100, 0.1,
-                             wide=wide)
+                                               smoothing, 1, True, *ood_args, chunk_c=chunk,
+                                               wide=wide)
+        grad = ops._backward(grad_loss, input, target, norm, pixel_weight, weight, -100,
+                             smoothing, *ood_args, wide=wide)
         sigma, pred = _sigma_pred(samples, chunk_c=chunk, wide=wide)
         return dict(loss=loss, norm=norm, weight=pixel_weight, grad=grad, sigma=sigma, pred=pred)
 
@@ -116,7 +129,7 @@ def test_pixel_weight_edge_values(backend, alpha):
     input = torch.zeros(1, 2, sigma.shape[1], device=device)
     target = torch.zeros(1, sigma.shape[1], dtype=torch.int64, device=device)
     _, _, pixel_weight = _ops()._forward(input, target, None, sigma, None, alpha, -100, 0.0, 1,
-                                         True)
+                                         True, *NO_OOD)
     expected = (1.0 + sigma.double()).pow(alpha)
     assert_close(pixel_weight, expected.float(), dtype=torch.float32)
 
@@ -131,15 +144,135 @@ def test_infinite_logits(backend):
     sigma = torch.rand(1, 6, device=device)
     for label_smoothing in (0.0, 0.2):
         loss, norm, _ = _ops()._forward(input, target, None, sigma, None, 2.0, -100,
-                                       label_smoothing, 1, True)
+                                       label_smoothing, 1, True, *NO_OOD)
         expected = reference.weighted_cross_entropy(
             input, target, reference.uncertainty_weight(sigma, 2.0),
             label_smoothing=label_smoothing)
         assert_close(loss, expected, msg=f"label_smoothing={label_smoothing}")
         assert_close(norm.sum(0), torch.logsumexp(input, dim=1))
     # label_smoothing=1: the hard term's factor is exactly 0 and is dropped (not 0 * inf = NaN).
-    loss, _, _ = _ops()._forward(input, target, None, sigma, None, 2.0, -100, 1.0, 1, True)
+    loss, _, _ = _ops()._forward(input, target, None, sigma, None, 2.0, -100, 1.0, 1, True,
+                                 *NO_OOD)
     assert loss[0].tolist()[:5] == [float("inf")] * 5 and loss[0, 5] == 0
+
+
+def _ood_reference(input, target, pixel_weight, grad_loss, weight, label_smoothing, ood_scale):
+    """float64 (per-pixel loss, grad_input) with entropy maximisation at the OOD pixels."""
+    x = input.detach().double().requires_grad_(True)
+    loss = reference.weighted_cross_entropy(
+        x, target, pixel_weight.double(), weight=None if weight is None else weight.double(),
+        label_smoothing=label_smoothing, ood=target == OOD, ood_scale=ood_scale)
+    (grad,) = torch.autograd.grad((loss * grad_loss.double()).sum(), x)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("form", ["samples", "sigma"])
+def test_ood_pixels_on_both_paths(backend, chunk, label_smoothing, form):
+    """Entropy maximisation in all classes at once and in class chunks (with a stack: sigma from
+    mc_reduce's chunked kernel first), with and without label smoothing (without it, the
+    smoothing sum is formed for the OoD pixels only): loss, saved weight and gradient against
+    float64; an OOD label is never a bad one, another one is reported naming both indices."""
+    device = device_of(backend)
+    input, target, samples = _flat(*make_case(2, 13, (29,), 3, device=device, seed=7))
+    target[:, ::5] = OOD
+    weight = torch.rand(13, generator=torch.Generator().manual_seed(1)).to(device) + 0.2
+    grad_loss = torch.rand(target.shape, generator=torch.Generator().manual_seed(2)).to(device)
+    sigma = reference.mc_uncertainty(samples.double(), 1)[0].float()
+    stack, given = (samples, None) if form == "samples" else (None, sigma)
+    ops = _ops()
+    loss, norm, pixel_weight = ops._forward(input, target, stack, given, weight, 2.0, -100,
+                                            label_smoothing, 1, True, OOD, 2.5, chunk_c=chunk)
+    grad = ops._backward(grad_loss, input, target, norm, pixel_weight, weight, -100,
+                         label_smoothing, OOD, 2.5)
+    ood = target == OOD
+    expected_weight = torch.where(ood, 2.5, (1 + sigma.double()) ** 2)
+    assert_close(pixel_weight, expected_weight.float(), dtype=torch.float32, scale=5)
+    ref_loss, ref_grad = _ood_reference(input, target, expected_weight, grad_loss, weight,
+                                        label_smoothing, 2.5)
+    assert_close(loss, ref_loss.float(), dtype=torch.float32, scale=5)
+    assert_close(grad, ref_grad.float(), dtype=torch.float32, scale=5)
+    assert bool((loss[ood] > 0).all()) and bool((loss[target == -100] == 0).all())
+    bad = target.clone()
+    bad[1, 3] = 253
+    with pytest.raises(ValueError, match=r"target contains label 253, outside \[0, 13\) and "
+                                         r"neither ignore_index \(-100\) nor ood_index \(254\)"):
+        ops._forward(input, bad, stack, given, weight, 2.0, -100, label_smoothing, 1, True, OOD,
+                     2.5, chunk_c=chunk)
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_ood_scale_zero_is_ignore(backend, chunk):
+    """ood_scale = 0: OOD pixels are exactly ignored ones (bit for bit, in the variant without
+    smoothing), and their label is still not a bad one."""
+    device = device_of(backend)
+    input, target, samples = _flat(*make_case(2, 9, (31,), 3, device=device, seed=3))
+    target[:, 2::6] = OOD
+    ignored = torch.where(target == OOD, -100, target)
+    grad_loss = torch.rand(target.shape, device=device)
+    ops = _ops()
+    results = []
+    for labels, ood_args in ((target, (OOD, 0.0)), (ignored, NO_OOD)):
+        loss, norm, pixel_weight = ops._forward(input, labels, samples, None, None, 2.0, -100,
+                                                0.0, 1, True, *ood_args, chunk_c=chunk)
+        grad = ops._backward(grad_loss, input, labels, norm, pixel_weight, None, -100, 0.0,
+                             *ood_args)
+        results.append((loss, norm, pixel_weight, grad))
+    for got, expected in zip(*results, strict=True):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy: 0 * inf
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_ood_infinite_logits(backend, chunk):
+    """A -inf logit with OoD pixels and no label smoothing: the smoothing sum is infinite at
+    every pixel, but enters only the OoD pixels' loss (infinite there); the known pixels keep
+    their finite CE (its dropped ε = 0 term is not 0 · inf = NaN), and every gradient is finite."""
+    device = device_of(backend)
+    input = torch.randn(1, 5, 7, device=device)
+    input[0, 1] = float("-inf")
+    target = torch.tensor([[0, 1, 2, OOD, 3, -100, OOD]], device=device)
+    sigma = torch.rand(1, 7, device=device)
+    grad_loss = torch.rand(1, 7, device=device) + 0.5
+    ops = _ops()
+    loss, norm, pixel_weight = ops._forward(input, target, None, sigma, None, 2.0, -100, 0.0, 1,
+                                            True, OOD, 1.5, chunk_c=chunk)
+    assert loss[0].isinf().tolist() == [False, True, False, True, False, False, True]
+    grad = ops._backward(grad_loss, input, target, norm, pixel_weight, None, -100, 0.0, OOD, 1.5)
+    ref_loss, ref_grad = _ood_reference(
+        input, target, torch.where(target == OOD, 1.5, (1 + sigma) ** 2), grad_loss, None, 0.0,
+        1.5)
+    assert_close(loss, ref_loss.float(), dtype=torch.float32)
+    assert torch.isfinite(grad).all()
+    assert_close(grad, ref_grad.float(), dtype=torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy: inf * 0
+def test_ood_variant_with_infinite_upstream_gradient(backend):
+    """An infinite grad_loss everywhere, no label smoothing, OoD on: ignored pixels get exactly 0,
+    known pixels the gradient of the variant without OoD (the dropped ε = 0 term is not
+    inf · 0 = NaN), OoD pixels infinite values, never NaN."""
+    device = device_of(backend)
+    input, target, samples = _flat(*make_case(2, 6, (17,), 3, device=device, ignore_frac=0.3))
+    target[:, 1::4] = OOD
+    grad_loss = torch.full(target.shape, float("inf"), device=device)
+    ops = _ops()
+    grads = []
+    for labels, ood_args in ((target, (OOD, 2.0)), (torch.where(target == OOD, -100, target),
+                                                    NO_OOD)):
+        _, norm, pixel_weight = ops._forward(input, labels, samples, None, None, 2.0, -100, 0.0,
+                                             1, True, *ood_args)
+        grads.append(ops._backward(grad_loss, input, labels, norm, pixel_weight, None, -100, 0.0,
+                                   *ood_args))
+    grad, without = grads
+    assert not torch.isnan(grad).any()
+    ignored = (target == -100).unsqueeze(1).expand_as(grad)
+    assert torch.count_nonzero(grad[ignored]) == 0
+    known = ((target >= 0) & (target < 6)).unsqueeze(1).expand_as(grad)
+    assert torch.equal(grad[known], without[known])
+    ood = (target == OOD).unsqueeze(1).expand_as(grad)
+    assert torch.isinf(grad[ood]).all()
 
 
 @pytest.mark.parametrize("position", ["first", "last", "middle"])
@@ -149,7 +282,7 @@ def test_bad_label_anywhere(backend, position):
     target[index] = 7
     with pytest.raises(ValueError, match=r"target contains label 7, outside \[0, 5\) and not "
                                          r"ignore_index \(-100\)"):
-        _ops()._forward(input, target, samples, None, None, 1.0, -100, 0.0, 1, True)
+        _ops()._forward(input, target, samples, None, None, 1.0, -100, 0.0, 1, True, *NO_OOD)
 
 
 @pytest.mark.parametrize("chunk", [None, 4])
@@ -170,14 +303,16 @@ def test_unchecked_bad_labels_are_ignored(backend, chunk, monkeypatch):
     results = []
     for labels in (bad, ignored):
         loss, norm, pixel_weight = ops._forward(input, labels, samples, None, weight, 2.0, -100,
-                                                0.1, 1, False, chunk_c=chunk)
-        grad = ops._backward(grad_loss, input, labels, norm, pixel_weight, weight, -100, 0.1)
+                                                0.1, 1, False, *NO_OOD, chunk_c=chunk)
+        grad = ops._backward(grad_loss, input, labels, norm, pixel_weight, weight, -100, 0.1,
+                             *NO_OOD)
         results.append((loss, norm, pixel_weight, grad))
     assert not reads
     for got, expected in zip(*results, strict=True):
         assert torch.equal(got, expected)
     assert torch.count_nonzero(results[0][0][bad != ignored]) == 0
-    ops._forward(input, ignored, samples, None, weight, 2.0, -100, 0.1, 1, True, chunk_c=chunk)
+    ops._forward(input, ignored, samples, None, weight, 2.0, -100, 0.1, 1, True, *NO_OOD,
+                 chunk_c=chunk)
     assert len(reads) == 1
 
 
@@ -213,7 +348,7 @@ def test_chunked_statistics_any_number_of_samples(backend, resample):
         input = torch.randn(1, classes, 35, generator=gen).to(device)
         target = torch.randint(0, classes, (1, 35), generator=gen).to(device)
         _, _, pixel_weight = ops._forward(input, target, samples, None, None, 2.0, -100, 0.0, 1,
-                                          True, chunk_c=chunk)
+                                          True, *NO_OOD, chunk_c=chunk)
         assert_close(pixel_weight, (1 + expected[0].float()) ** 2, dtype=torch.float32, scale=5)
 
 
@@ -240,10 +375,11 @@ def test_backward_ignored_pixels_get_zero_even_for_inf_grad(backend):
     input, target, samples = _flat(*make_case(2, 6, (9,), 3, device=device, ignore_frac=0.5))
     weight = torch.rand(6, device=device) + 0.5
     _, norm, pixel_weight = _ops()._forward(input, target, samples, None, weight, 2.0, -100, 0.1,
-                                           1, True)
+                                           1, True, *NO_OOD)
     grad_loss = torch.full(target.shape, float("inf"), device=device)
     grad_loss[target != -100] = 1.0
-    grad = _ops()._backward(grad_loss, input, target, norm, pixel_weight, weight, -100, 0.1)
+    grad = _ops()._backward(grad_loss, input, target, norm, pixel_weight, weight, -100, 0.1,
+                            *NO_OOD)
     ignored = (target == -100).unsqueeze(1).expand_as(grad)
     assert torch.count_nonzero(grad[ignored]) == 0
     assert torch.isfinite(grad[~ignored]).all()

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from uce_fast import ops, reference
+from uce_fast._opglue import bad_label_message
 
 __all__ = [
     "BACKENDS",
@@ -169,30 +170,31 @@ def _label_mask(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
 
 
 @torch.library.custom_op("uce_fast::checked_label_mask", mutates_args=())
-def _checked_label_mask(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+def _checked_label_mask(target: Tensor, num_classes: int, ignore_index: int,
+                        ood_index: int) -> Tensor:
     # An opaque op, so that torch.compile runs the check (and its host synchronisation) as it is
     # instead of tracing a data-dependent branch out of the graph.
     mask = _label_mask(target, num_classes, ignore_index)
-    bad = ~mask & (target != ignore_index)
+    bad = ~mask & (target != ignore_index) & (target != ood_index)
     if target.numel() and bool(bad.any()):
         value = int(target[bad].flatten()[0])
-        raise ValueError(
-            f"target contains label {value}, outside [0, {num_classes}) "
-            f"and not ignore_index ({ignore_index})"
-        )
+        raise ValueError(bad_label_message(value, num_classes, ignore_index, ood_index))
     return mask
 
 
 @_checked_label_mask.register_fake
-def _(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+def _(target: Tensor, num_classes: int, ignore_index: int, ood_index: int) -> Tensor:
     return torch.empty_like(target, dtype=torch.bool)
 
 
-def label_mask(target: Tensor, num_classes: int, ignore_index: int, check: bool) -> Tensor:
-    """Bool mask (shape of ``target``) of the pixels that contribute to the loss: label in
+def label_mask(target: Tensor, num_classes: int, ignore_index: int, check: bool,
+               ood_index: int | None = None) -> Tensor:
+    """Bool mask (shape of ``target``) of the pixels of a known class: label in
     [0, num_classes) and not ``ignore_index``. With ``check``, an invalid label (outside the range,
-    not ``ignore_index``) raises ``ValueError`` — also under ``torch.compile`` (one host
-    synchronisation); without it, such pixels are simply not in the mask (treated as ignored)."""
+    neither ``ignore_index`` nor ``ood_index``) raises ``ValueError`` — also under
+    ``torch.compile`` (one host synchronisation); without it, such pixels are simply not in the
+    mask (treated as ignored). Pixels labelled ``ood_index`` are not in the mask either."""
     if check:
-        return _checked_label_mask(target, num_classes, ignore_index)
+        return _checked_label_mask(target, num_classes, ignore_index,
+                                   ignore_index if ood_index is None else ood_index)
     return _label_mask(target, num_classes, ignore_index)

@@ -12,8 +12,18 @@ from collections.abc import Callable
 import torch
 
 
+def bad_label_message(label: int, num_classes: int, ignore_index: int, ood_index: int) -> str:
+    """The ValueError text for a bad label, worded as the compiled ops word it;
+    ``ood_index == ignore_index`` when entropy maximisation is off."""
+    if ood_index != ignore_index:
+        return (f"target contains label {label}, outside [0, {num_classes}) and neither "
+                f"ignore_index ({ignore_index}) nor ood_index ({ood_index})")
+    return (f"target contains label {label}, outside [0, {num_classes}) and not ignore_index "
+            f"({ignore_index})")
+
+
 def uce_forward_fake(input, target, samples, sigma, weight, alpha, ignore_index,
-                     label_smoothing, correction, check_labels):
+                     label_smoothing, correction, check_labels, ood_index, ood_scale):
     """(loss (B, N), norm (2, B, N), pixel_weight (B, N)), float32, for input (B, C, N)."""
     batch, _, pixels = input.shape
     loss = input.new_empty((batch, pixels), dtype=torch.float32)
@@ -21,7 +31,7 @@ def uce_forward_fake(input, target, samples, sigma, weight, alpha, ignore_index,
 
 
 def uce_backward_fake(grad_loss, input, target, norm, pixel_weight, weight, ignore_index,
-                      label_smoothing):
+                      label_smoothing, ood_index, ood_scale):
     """grad_input: contiguous, shape and dtype of input."""
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
@@ -49,11 +59,14 @@ def mc_reduce_fake(samples, mean, m2, entropy, count, in_h, in_w, out_h, out_w, 
 
 def setup_context(ctx, inputs, output):
     """Saves what the U-CE backward reads: input, target, norm, pixel weight, class weight."""
-    input, target, _samples, _sigma, weight, _alpha, ignore_index, label_smoothing = inputs[:8]
+    (input, target, _samples, _sigma, weight, _alpha, ignore_index, label_smoothing, _correction,
+     _check_labels, ood_index, ood_scale) = inputs
     _, norm, pixel_weight = output
     ctx.save_for_backward(input, target, norm, pixel_weight, weight)
     ctx.ignore_index = ignore_index
     ctx.label_smoothing = label_smoothing
+    ctx.ood_index = ood_index
+    ctx.ood_scale = ood_scale
 
 
 def uce_backward_formula(backward_op: Callable) -> Callable:
@@ -66,7 +79,8 @@ def uce_backward_formula(backward_op: Callable) -> Callable:
         grad_input = None
         if ctx.needs_input_grad[0]:
             grad_input = backward_op(grad_loss.float(), input, target, norm, pixel_weight, weight,
-                                     ctx.ignore_index, ctx.label_smoothing)
-        return grad_input, None, None, None, None, None, None, None, None, None
+                                     ctx.ignore_index, ctx.label_smoothing, ctx.ood_index,
+                                     ctx.ood_scale)
+        return (grad_input,) + (None,) * 11
 
     return backward

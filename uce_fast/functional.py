@@ -36,17 +36,26 @@ __all__ = [
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
+#: λ of the entropy-maximisation term when ``ood_index`` is given without ``ood_weight``: the
+#: value of Chan, Rottmann & Gottschalk (ICCV 2021).
+DEFAULT_OOD_WEIGHT = 0.9
+
 
 def _reduce(
     per_pixel: Tensor,
     target: Tensor,
     weight: Tensor | None,
-    valid: Tensor | None,
-    ignore_index: int,
+    known: Tensor | None,
+    ood: Tensor | None,
+    ood_scale: float,
     reduction: str,
     avg_non_ignore: bool,
 ) -> Tensor:
-    """``valid``: the mask of counted pixels, or None for ``target != ignore_index``."""
+    """The reduction of the per-pixel loss. "mean" divides by the weight of the counted pixels:
+    per known pixel its class weight (1 without ``weight``), per OoD pixel ``ood_scale`` times
+    the mean class weight (the weight of the uniform target, as the class weight is that of a
+    one-hot one). ``known`` and ``ood`` are the masks of known-class and OoD pixels (``ood``
+    None when entropy maximisation is off)."""
     if reduction == "none":
         return per_pixel
     total = per_pixel.sum()
@@ -54,12 +63,36 @@ def _reduce(
         return total
     if not avg_non_ignore:
         return total / target.numel()
-    if valid is None:
-        valid = target != ignore_index
     if weight is None:
-        return total / valid.sum()
-    class_weight = weight.detach().to(per_pixel.dtype)[torch.where(valid, target, 0)]
-    return total / torch.where(valid, class_weight, 0).sum()
+        count = known.sum()
+        if ood is not None:
+            count = count + ood_scale * ood.sum()
+        return total / count
+    class_weight = weight.detach().to(per_pixel.dtype)
+    count = torch.where(known, class_weight[torch.where(known, target, 0)], 0).sum()
+    if ood is not None:
+        count = count + ood_scale * class_weight.mean() * ood.sum()
+    return total / count
+
+
+def _ood_scale(ood_index: int | None, ood_weight: float | None, num_classes: int,
+               ignore_index: int) -> float:
+    """The weight r = λ / (1 - λ) of an OoD pixel relative to a known one (0 when off)."""
+    if ood_index is None:
+        if ood_weight is not None:
+            raise ValueError("ood_weight is the weight of the pixels labelled ood_index: give "
+                             "ood_index too (or leave ood_weight unset)")
+        return 0.0
+    if isinstance(ood_index, bool) or not isinstance(ood_index, int):
+        raise TypeError(f"ood_index must be an int or None, got {type(ood_index).__name__}")
+    if 0 <= ood_index < num_classes or ood_index == ignore_index:
+        raise ValueError(
+            f"ood_index must be a label outside the classes [0, {num_classes}) and other than "
+            f"ignore_index ({ignore_index}), got {ood_index}")
+    lam = DEFAULT_OOD_WEIGHT if ood_weight is None else ood_weight
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam < 1.0:
+        raise ValueError(f"ood_weight must be a number in [0, 1), got {ood_weight!r}")
+    return float(lam) / (1.0 - float(lam))
 
 
 def uce_loss(
@@ -78,23 +111,36 @@ def uce_loss(
     backend: str = "auto",
     align_corners: bool | None = None,
     check_labels: bool = True,
+    ood_index: int | None = None,
+    ood_weight: float | None = None,
 ) -> Tensor:
-    """Uncertainty-aware cross-entropy (U-CE).
+    """Uncertainty-aware cross-entropy (U-CE), optionally with entropy maximisation.
 
     ``loss_n = (1 + sigma_n) ** alpha * CE(input[:, :, n], target_n)``, where ``sigma_n`` is the
     standard deviation over the Monte-Carlo samples of the softmax probability of the class whose
     mean probability is highest. Gradient flows to ``input`` only.
 
+    Entropy maximisation (Chan, Rottmann & Gottschalk, ICCV 2021): pixels labelled ``ood_index``
+    (out-of-distribution proxy objects) get the cross-entropy against the uniform distribution,
+    ``-(1/C) Σ_c log p_c`` (label smoothing with ε = 1; class-weighted with ``weight``), weighted
+    ``λ = ood_weight`` against ``1 - λ`` for the known pixels — per pixel ``λ / (1 - λ)`` relative
+    to a known pixel's weight 1 — and without the U-CE factor: sigma measures how the MC samples
+    disagree about the predicted known class, which says nothing about a pixel of no known class,
+    and the factor (up to (1 + sigma)^alpha) would rescale the term the paper balances with λ.
+    "mean" divides by ``(1 - λ)·#known + λ·#OoD`` (scaled by ``1 / (1 - λ)``: ``#known +
+    λ/(1 - λ)·#OoD``), so with λ = 0, or without OoD pixels, the loss is exactly the one without
+    them; "sum" and "none" are the paper's per-pixel terms divided by ``1 - λ``.
+
     Args:
         input: (B, C, *spatial) logits with gradient; float32, float16 or bfloat16 (float64 on the
             "torch" backend). Any number of spatial dims, none included.
-        target: (B, *spatial) int64 class indices in [0, C), or ``ignore_index``.
+        target: (B, *spatial) int64 class indices in [0, C), ``ignore_index`` or ``ood_index``.
         samples: (β, B, C, *spatial) logits of β >= 2 stochastic (MC-dropout) forward passes, any
             float dtype; treated as constants. Or (β, B, C, h, w) at a lower resolution than a
             (B, C, H, W) ``input``: upsampled inside the kernels as
             ``F.interpolate(mode="bilinear", align_corners=align_corners)``. Or an
             :class:`MCAccumulator` of shape (B, C, *spatial). Give exactly one of ``samples`` and
-            ``sigma``.
+            ``sigma``; with ``alpha=0`` neither is needed (every U-CE factor is 1: plain CE).
         sigma: (B, *spatial) precomputed predictive uncertainty (see ``predictive_uncertainty``).
         alpha: exponent of the weight ``(1 + sigma) ** alpha``; default 10 (the paper's best).
             With ``alpha=0`` the loss equals ``F.cross_entropy`` with the same options.
@@ -115,6 +161,10 @@ def uce_loss(
             per call; ``False`` skips it for the hot path, and such a label is then treated as
             ``ignore_index`` (no loss, no gradient, not counted by the mean; never read out of
             bounds), as during CUDA graph capture, where the check cannot run.
+        ood_index: the label of out-of-distribution pixels (outside [0, C), not
+            ``ignore_index``), which get the entropy-maximisation term; default None (off).
+        ood_weight: λ in [0, 1), the weight of that term against ``1 - λ`` for the known pixels;
+            default 0.9 (the paper's) when ``ood_index`` is given. λ = 0 ignores those pixels.
 
     Returns:
         float32 loss (float64 for float64 input on the "torch" backend): a scalar, or the
@@ -132,12 +182,17 @@ def uce_loss(
             f"{tuple(input.shape)}, got {tuple(target.shape)}"
         )
     check_device("target", target, device)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha}")
+    if samples is None and sigma is None and alpha == 0:
+        sigma = input.new_zeros(target.shape, dtype=torch.float32)  # every factor is 1: CE
     if samples is None and sigma is None:
         raise ValueError(
             "U-CE needs the Monte-Carlo samples of the model: call it as criterion(logits, "
             "target, samples) with samples = uce_fast.MCSampler(model).sample(inputs, beta=10) "
             "(an MCAccumulator; or uce_fast.mc_sample, or a (β, B, C, *spatial) stack of β "
-            "passes with dropout on), or give sigma= (B, *spatial)")
+            "passes with dropout on), or give sigma= (B, *spatial); with alpha=0 (plain CE) "
+            "neither is needed")
     if samples is not None and sigma is not None:
         raise ValueError("give exactly one of samples (β, B, C, *spatial) and sigma (B, *spatial)")
     if isinstance(samples, MCAccumulator):
@@ -179,28 +234,27 @@ def uce_loss(
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not isinstance(check_labels, bool):
         raise TypeError(f"check_labels must be a bool, got {type(check_labels).__name__}")
+    ood_scale = _ood_scale(ood_index, ood_weight, num_classes, ignore_index)
+    # OoD pixels with λ = 0 are exactly ignored ones (their label is still not a bad one).
+    ood = target == ood_index if ood_scale > 0 else None
 
     dtypes = tuple(t.dtype for t in (input, samples, sigma) if t is not None)
     name = resolve_backend(backend, device, dtypes)
-    valid = None
+    known = None
     if name == "torch":
-        valid = label_mask(target, num_classes, ignore_index, check_labels)
+        known = label_mask(target, num_classes, ignore_index, check_labels, ood_index)
         if samples is not None:
             sigma = reference.mc_uncertainty(samples, correction)[0]
         per_pixel = reference.weighted_cross_entropy(
             input, target, reference.uncertainty_weight(sigma, alpha),
             weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            valid=valid,
+            valid=known, ood=ood, ood_scale=ood_scale,
         )
     else:
-        if not check_labels and reduction == "mean" and avg_non_ignore:
-            valid = label_mask(target, num_classes, ignore_index, False)
         pixels = math.prod(spatial)
         per_pixel = kernel_ops(name).uce_forward(
             input.contiguous().view(batch, num_classes, pixels),
@@ -210,8 +264,16 @@ def uce_loss(
             None if sigma is None else sigma.float().contiguous().view(batch, pixels),
             None if weight is None else weight.float().contiguous(),
             float(alpha), ignore_index, float(label_smoothing), correction, check_labels,
+            ignore_index if ood_index is None else ood_index, ood_scale,
         ).view(batch, *spatial)
-    return _reduce(per_pixel, target, weight, valid, ignore_index, reduction, avg_non_ignore)
+        if reduction == "mean" and avg_non_ignore:
+            if check_labels:  # every label is a class, ignore_index or ood_index
+                known = target != ignore_index
+                if ood_index is not None:
+                    known &= target != ood_index
+            else:
+                known = label_mask(target, num_classes, ignore_index, False)
+    return _reduce(per_pixel, target, weight, known, ood, ood_scale, reduction, avg_non_ignore)
 
 
 def _stack_or_accumulator(samples: Tensor | MCAccumulator, size: tuple[int, int] | None,

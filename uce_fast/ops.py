@@ -10,9 +10,14 @@ Op contract (all tensors contiguous; N is the product of the spatial dims, 1 whe
 
 ``uce_fast::uce_forward(input (B, C, N), target (B, N) int64, samples (β, B, C, N) | None,
 sigma (B, N) float32 | None, weight (C,) float32 | None, alpha, ignore_index, label_smoothing,
-correction, check_labels) -> (loss, norm, pixel_weight)``, float32: the weighted per-pixel loss
-(B, N) (0 where ignored), the softmax normaliser of the logits ``norm`` (2, B, N) = ``[max_c x_c;
-log Σ_c exp(x_c - max)]`` (their sum is the log-sum-exp) and ``(1 + sigma) ** alpha`` (B, N).
+correction, check_labels, ood_index, ood_scale) -> (loss, norm, pixel_weight)``, float32: the
+weighted per-pixel loss (B, N) (0 where ignored), the softmax normaliser of the logits ``norm``
+(2, B, N) = ``[max_c x_c; log Σ_c exp(x_c - max)]`` (their sum is the log-sum-exp) and the pixel
+weight (B, N), ``(1 + sigma) ** alpha``. Entropy maximisation: a pixel labelled ``ood_index`` (a
+label outside [0, C); ``ood_index == ignore_index`` turns this off) with ``ood_scale > 0`` (finite)
+has the loss ``ood_scale · (1/C) Σ_c w_c (lse - x_c)`` (w the class weights, 1 without them: the
+label-smoothed CE with ε = 1) and the pixel weight ``ood_scale``; with ``ood_scale == 0`` it is an
+ignored pixel. A label ``ood_index`` is never a bad one.
 With ``samples``, sigma is that of ``mc_reduce`` (below) over the stack, from the same per-pixel
 code, in the same kernel (on the Triton backend above 128 classes: ``mc_reduce``'s class-chunked
 kernel, then the CE, 4 more bytes of sigma per pixel written and read). A label outside [0, C)
@@ -21,7 +26,8 @@ synchronisation per call, none while a CUDA graph is being captured); without it
 treated as ignored (loss 0, gradient 0, never read out of bounds).
 
 ``uce_fast::uce_backward(grad_loss (B, N) float32, input, target, norm, pixel_weight, weight,
-ignore_index, label_smoothing) -> grad_input`` (B, C, N) in the dtype of ``input``; it never checks
+ignore_index, label_smoothing, ood_index, ood_scale) -> grad_input`` (B, C, N) in the dtype of
+``input`` (at an OoD pixel the gradient of its term, with ε = 1); it never checks
 labels (a pixel with an invalid one gets 0 gradient) and never synchronises. The softmax is
 recomputed as ``exp((x - max) - log-sum)``: the two parts are kept apart because a float32
 log-sum-exp of large logits carries their magnitude's rounding error (ulp(1e4) ≈ 1e-3) into every
@@ -116,11 +122,13 @@ def uce_forward(
     label_smoothing: float,
     correction: int,
     check_labels: bool,
+    ood_index: int,
+    ood_scale: float,
 ) -> Tensor:
     """Per-pixel U-CE loss (B, N) float32 from the compiled op; differentiable w.r.t. ``input``."""
     return torch.ops.uce_fast.uce_forward(
         input, target, samples, sigma, weight, alpha, ignore_index, label_smoothing, correction,
-        check_labels,
+        check_labels, ood_index, ood_scale,
     )[0]
 
 

@@ -212,8 +212,11 @@ def weighted_cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     valid: Tensor | None = None,
+    ood: Tensor | None = None,
+    ood_scale: float = 0.0,
 ) -> Tensor:
-    """Per-pixel cross-entropy, multiplied by a per-pixel weight, with torch's CE options.
+    """Per-pixel cross-entropy, multiplied by a per-pixel weight, with torch's CE options, and
+    entropy maximisation at out-of-distribution pixels.
 
     Args:
         input: (B, C, *spatial) logits, float16/bfloat16/float32/float64.
@@ -222,25 +225,31 @@ def weighted_cross_entropy(
         weight: (C,) class weights as in ``F.cross_entropy``, or None.
         ignore_index: target value that is ignored.
         label_smoothing: ε in [0, 1], as in ``F.cross_entropy``.
-        valid: (B, *spatial) bool mask of the pixels that count; default: label in [0, C) and
-            not ``ignore_index`` (labels outside the range are treated as ignored).
+        valid: (B, *spatial) bool mask of the pixels of a known class that count; default: label
+            in [0, C) and not ``ignore_index`` (labels outside the range are treated as ignored).
+        ood: (B, *spatial) bool mask of out-of-distribution pixels (disjoint from ``valid``), or
+            None. Their loss is ``ood_scale`` times the cross-entropy against the uniform
+            distribution, ``(1/C) Σ_c weight_c (-log p_c)`` (label smoothing with ε = 1), without
+            ``pixel_weight``.
+        ood_scale: the weight of the ``ood`` pixels; default 0.
 
     Returns:
         (B, *spatial) per-pixel loss in float32 (float64 for float64 input); exactly 0 where the
         target is ignored, and so is its gradient there, also for non-finite logits or pixel
-        weights. With ``pixel_weight=None`` this equals
+        weights. With ``pixel_weight=None`` and no ``ood`` this equals
         ``F.cross_entropy(..., reduction="none")``.
     """
     dtype = compute_dtype(input)
     num_classes = input.shape[1]
     if valid is None:
         valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
+    counted = valid if ood is None else valid | ood
     safe_target = torch.where(valid, target, 0)
     zero = torch.zeros((), dtype=dtype, device=input.device)
     # Ignored pixels contribute exactly 0 to the loss and to the gradient, whatever their logits
     # and pixel weight (NaN and inf included): they are replaced by constants before any
     # arithmetic, so no 0 * NaN reaches the backward.
-    logits = torch.where(valid.unsqueeze(1), input.to(dtype), zero)
+    logits = torch.where(counted.unsqueeze(1), input.to(dtype), zero)
     logp = torch.log_softmax(logits, dim=1)
     nll = -logp.gather(1, safe_target.unsqueeze(1)).squeeze(1)
     if weight is None:
@@ -255,4 +264,7 @@ def weighted_cross_entropy(
         loss = (1.0 - label_smoothing) * nll + (label_smoothing / num_classes) * smooth
     if pixel_weight is not None:
         loss = loss * torch.where(valid, pixel_weight.detach().to(dtype), zero)
-    return torch.where(valid, loss, zero)
+    loss = torch.where(valid, loss, zero)
+    if ood is not None:
+        loss = torch.where(ood, (ood_scale / num_classes) * smooth, loss)
+    return loss

@@ -92,6 +92,8 @@ def uce_oracle(
     avg_non_ignore: bool = True,
     correction: int = 1,
     align_corners: bool | None = None,
+    ood_index: int | None = None,
+    ood_weight: float | None = None,
     tie_rtol: float = TIE_RTOL,
 ) -> OracleResult:
     """U-CE and its logits gradient in float64, from the definition, tie-aware.
@@ -106,8 +108,9 @@ def uce_oracle(
         got_loss: the checked per-pixel loss map (``reduction="none"``), used to match when
             ``got_grad`` is not given. With neither, near-ties keep the first maximum.
         grad_output: upstream gradient (a scalar, or (B, *spatial) with ``reduction="none"``).
-        alpha, ignore_index, reduction, weight, label_smoothing, avg_non_ignore, correction:
-            as in :func:`uce_fast.uce_loss`.
+        alpha, ignore_index, reduction, weight, label_smoothing, avg_non_ignore, correction,
+        ood_index, ood_weight: as in :func:`uce_fast.uce_loss` (the OoD pixels' term is
+            ``λ/(1-λ) · (-(1/C) Σ_c w_c log p_c)``, without the U-CE factor).
         tie_rtol: the near-tie threshold, relative to the top mean probability.
 
     Returns:
@@ -120,6 +123,9 @@ def uce_oracle(
 
     valid = (target != ignore_index) & (target >= 0) & (target < classes)
     safe = torch.where(valid, target, 0)
+    lam = 0.9 if ood_weight is None else ood_weight
+    ood_scale = 0.0 if ood_index is None else lam / (1.0 - lam)
+    ood = (target == ood_index) & (target != ignore_index) if ood_scale > 0 else None
     logp = torch.log_softmax(x, dim=1)
     nll = -logp.gather(1, safe.unsqueeze(1)).squeeze(1)
     cw = None if weight is None else weight.detach().double()
@@ -130,16 +136,24 @@ def uce_oracle(
         smooth = -logp.sum(1)
     ce = (1 - label_smoothing) * nll + (label_smoothing / classes) * smooth
     ce = torch.where(valid, ce, 0.0)
+    # Entropy maximisation: the CE against the uniform distribution, no U-CE factor.
+    ood_term = torch.zeros_like(ce) if ood is None else torch.where(
+        ood, ood_scale * smooth / classes, 0.0)
     if reduction in ("none", "sum"):
         scale = torch.ones_like(ce)
     elif not avg_non_ignore:
         scale = torch.full_like(ce, 1.0 / target.numel())
     else:
         denom = (valid.double() if cw is None else torch.where(valid, cw[safe], 0.0)).sum()
+        if ood is not None:
+            denom = denom + ood_scale * (1.0 if cw is None else cw.mean()) * ood.sum()
         scale = torch.full_like(ce, 1.0) / denom
     upstream = torch.as_tensor(grad_output, dtype=torch.float64, device=ce.device)
     # d/dx of sum_n scale_n * upstream_n * ce_n: the gradient of U-CE is this times w_n per pixel.
-    (unit,) = torch.autograd.grad((ce * scale * upstream).sum(), x)
+    (unit,) = torch.autograd.grad((ce * scale * upstream).sum(), x, retain_graph=True)
+    unit_ood = 0.0
+    if ood is not None:
+        (unit_ood,) = torch.autograd.grad((ood_term * scale * upstream).sum(), x)
 
     # Candidates: the first maximum, and every class within tie_rtol of it (exact ties aside).
     top = mean.max(dim=1, keepdim=True).values
@@ -176,7 +190,7 @@ def uce_oracle(
         sigma[idx] = cand_sigma.gather(1, pick.unsqueeze(1)).squeeze(1)
 
     w = (1 + sigma) ** alpha
-    grad = unit * w.unsqueeze(1)
-    per_pixel = torch.where(valid, w * ce.detach(), 0.0)
+    grad = unit * w.unsqueeze(1) + unit_ood
+    per_pixel = torch.where(valid, w * ce.detach(), 0.0) + ood_term.detach()
     loss = per_pixel if reduction == "none" else (per_pixel * scale).sum()
     return OracleResult(loss.detach(), grad.detach(), sigma, ties, flips)

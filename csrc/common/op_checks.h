@@ -113,6 +113,35 @@ int64_t check_mc_stack(const at::Tensor& samples, int64_t correction,
   return beta;
 }
 
+// The entropy-maximisation arguments: ood_index == ignore_index (off) or a
+// label outside [0, C); ood_scale finite and >= 0.
+inline void check_ood(int64_t ood_index, double ood_scale, int64_t C,
+                      int64_t ignore_index) {
+  TORCH_CHECK_VALUE(ood_index == ignore_index || ood_index < 0 || ood_index >= C,
+                    "uce_fast: ood_index must be outside [0, ", C,
+                    ") (or equal ignore_index to turn entropy maximisation off), "
+                    "got ",
+                    ood_index);
+  TORCH_CHECK_VALUE(ood_scale >= 0.0 && ood_scale <= 3.4e38,
+                    "uce_fast: ood_scale must be a finite number >= 0, got ",
+                    ood_scale);
+}
+
+// The ValueError for a bad label (outside [0, C), neither ignore_index nor,
+// when entropy maximisation is on, ood_index), worded as every backend words
+// it.
+[[noreturn]] inline void raise_bad_label(int64_t label, int64_t C,
+                                         int64_t ignore_index,
+                                         int64_t ood_index) {
+  if (ood_index != ignore_index) {
+    TORCH_CHECK_VALUE(false, "target contains label ", label, ", outside [0, ",
+                      C, ") and neither ignore_index (", ignore_index,
+                      ") nor ood_index (", ood_index, ")");
+  }
+  TORCH_CHECK_VALUE(false, "target contains label ", label, ", outside [0, ",
+                    C, ") and not ignore_index (", ignore_index, ")");
+}
+
 inline void check_label_smoothing(double label_smoothing) {
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
                     "uce_fast: label_smoothing must be in [0, 1], got ",

@@ -327,6 +327,57 @@ UCE_HD UCE_INLINE float pixel_weight(float sigma, float alpha) {
   return powf(1.0f + sigma, alpha);
 }
 
+// ---------------------------------------------------------------------------
+// Labels and the per-pixel CE coefficients.
+//
+// The kernels keep one int32 code per pixel instead of its int64 label: the
+// class index in [0, C), kIgnoredPixel, or kOodPixel.
+//  * kIgnoredPixel: the label is ignore_index, or outside [0, C) and not an
+//    OoD label (a bad label: with check_labels the forward raises), or an OoD
+//    label while ood_scale == 0 (entropy maximisation off: the pixel is then
+//    exactly an ignored one).
+//  * kOodPixel: the label is ood_index (which is outside [0, C); ood_index ==
+//    ignore_index turns the feature off) and ood_scale > 0. Entropy
+//    maximisation (Chan, Rottmann & Gottschalk, ICCV 2021): the pixel's loss is
+//    the CE against the uniform distribution, (1/C) sum_c cw[c] (lse - x_c),
+//    i.e. label smoothing with eps = 1 (no extra read: the smoothing sum is
+//    formed anyway), weighted by ood_scale in place of the U-CE factor.
+constexpr int32_t kIgnoredPixel = -1;
+constexpr int32_t kOodPixel = -2;
+
+// The code of label l; *bad is set for a bad label (outside [0, C), neither
+// ignore_index nor ood_index). Branch-free selects, so that a loop vectorises.
+UCE_HD UCE_INLINE int32_t label_code(int64_t l, int64_t C, int64_t ignore_index,
+                                     int64_t ood_index, bool ood_on,
+                                     bool* bad) {
+  const bool out = (uint64_t)l >= (uint64_t)C;
+  const bool ign = l == ignore_index;
+  const bool ood = !ign & (l == ood_index);
+  *bad = out & !ign & !ood;
+  const int32_t other = (ood & ood_on) ? kOodPixel : kIgnoredPixel;
+  return (ign | out) ? other : (int32_t)l;
+}
+
+// The CE coefficients of one pixel: its weight (the U-CE factor pw, or
+// ood_scale at an OoD pixel), 1 - eps and eps / C (0 and 1 / C at an OoD
+// pixel).
+struct PixelCe {
+  float pw;
+  float one_minus_eps;
+  float eps_over_c;
+};
+
+UCE_HD UCE_INLINE PixelCe pixel_ce(int32_t code, float pw, float one_minus_eps,
+                                   float eps_over_c, float ood_scale,
+                                   float inv_c) {
+  const bool ood = code == kOodPixel;
+  PixelCe k;
+  k.pw = ood ? ood_scale : pw;
+  k.one_minus_eps = ood ? 0.0f : one_minus_eps;
+  k.eps_over_c = ood ? inv_c : eps_over_c;
+  return k;
+}
+
 // Label-smoothed weighted CE of one pixel, times its pixel weight:
 //   pw * ((1-eps) * cw[t] * (lse - x_t) + (eps/C) * sum_c cw[c] * (lse - x_c))
 // lse_minus_xt = lse - x_t and sum_cw_lse_minus_x = sum_c cw[c]*(lse - x_c)

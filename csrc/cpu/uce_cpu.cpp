@@ -50,46 +50,50 @@ int64_t ce_tile_size(int64_t C) {
   return std::max<int64_t>(16, std::min<int64_t>(t, kMaxCeTile));
 }
 
-// Raises the ValueError for the first invalid label of a tile. Out of line:
-// the tile loops only accumulate a flag.
-[[noreturn]] UCE_COLD void throw_bad_label(const int64_t* tgt, int T,
-                                           int64_t C, int64_t ignore_index) {
-  for (int t = 0; t < T; ++t) {
-    const int64_t l = tgt[t];
-    if (l != ignore_index && (l < 0 || l >= C)) {
-      TORCH_CHECK_VALUE(false, "target contains label ", l, ", outside [0, ",
-                        C, ") and not ignore_index (", ignore_index, ")");
-    }
-  }
-  TORCH_CHECK(false, "uce_fast: internal error in label validation");
-}
-
-// Narrows a tile of labels to int32, -1 for ignored pixels and for invalid
-// labels (outside [0, C), not ignore_index), which raise when `check`.
-// Vectorised: only a flag is accumulated, the scan for the offending label
-// happens out of line.
-UCE_INLINE void load_labels(const int64_t* __restrict tgt, int T, int64_t C,
-                            int64_t ignore_index, bool check,
-                            int32_t* __restrict lab) {
-  int64_t bad = 0;
-  for (int t = 0; t < T; ++t) {
-    const int64_t l = tgt[t];
-    const bool out = static_cast<uint64_t>(l) >= static_cast<uint64_t>(C);
-    const bool ign = l == ignore_index;
-    bad |= static_cast<int64_t>(!ign & out);
-    lab[t] = (ign | out) ? -1 : static_cast<int32_t>(l);
-  }
-  if (check && bad != 0) throw_bad_label(tgt, T, C, ignore_index);
-}
-
 struct CeConsts {
   const float* cw;  // class weights, nullptr = all ones
   float S;          // sum of class weights
   float one_minus_eps;
   float eps_over_c;
   int64_t ignore_index;
+  // Entropy maximisation (uce::label_code): OoD pixels are those labelled
+  // ood_index while ood_on (ood_scale > 0).
+  int64_t ood_index;
+  bool ood_on;
+  float ood_scale;
+  float inv_c;  // 1 / C
   bool check_labels;  // raise on an invalid label (forward only)
 };
+
+// Raises the ValueError for the first invalid label of a tile. Out of line:
+// the tile loops only accumulate a flag.
+[[noreturn]] UCE_COLD void throw_bad_label(const int64_t* tgt, int T,
+                                           int64_t C, const CeConsts& k) {
+  for (int t = 0; t < T; ++t) {
+    bool bad = false;
+    uce::label_code(tgt[t], C, k.ignore_index, k.ood_index, k.ood_on, &bad);
+    if (bad) uce_checks::raise_bad_label(tgt[t], C, k.ignore_index, k.ood_index);
+  }
+  TORCH_CHECK(false, "uce_fast: internal error in label validation");
+}
+
+// Narrows a tile of labels to their int32 codes (uce::label_code): the class,
+// kIgnoredPixel (also for invalid labels, which raise when `check`) or
+// kOodPixel. Vectorised: only a flag is accumulated, the scan for the
+// offending label happens out of line.
+UCE_INLINE void load_labels(const int64_t* __restrict tgt, int T, int64_t C,
+                            const CeConsts& k, bool check,
+                            int32_t* __restrict lab) {
+  const int64_t ignore_index = k.ignore_index, ood_index = k.ood_index;
+  const bool ood_on = k.ood_on;
+  int64_t bad = 0;
+  for (int t = 0; t < T; ++t) {
+    bool b = false;
+    lab[t] = uce::label_code(tgt[t], C, ignore_index, ood_index, ood_on, &b);
+    bad |= static_cast<int64_t>(b);
+  }
+  if (check && bad != 0) throw_bad_label(tgt, T, C, k);
+}
 
 // ---------------------------------------------------------------------------
 // Monte-Carlo statistics of one tile: sigma of the beta samples from the
@@ -162,13 +166,15 @@ struct CeTile {
 template <typename IT>
 UCE_INLINE void ce_tile_impl(
     const IT* __restrict x0, int64_t cs, const int64_t* __restrict tgt, int T,
-    int C, const float* __restrict sigma, float alpha,
-    const float* __restrict cw, float S, float ome, float eoc,
-    int64_t ignore_index, bool check, float* __restrict mx, float* __restrict sum,
+    int C, const float* __restrict sigma, float alpha, const CeConsts& k,
+    float* __restrict mx, float* __restrict sum,
     float* __restrict smooth, float* __restrict dt, float* __restrict cwt,
     int32_t* __restrict lab, float* __restrict pw, float* __restrict loss,
     float* __restrict norm_max, float* __restrict norm_log) {
-  load_labels(tgt, T, C, ignore_index, check, lab);
+  const float* __restrict cw = k.cw;
+  const float S = k.S, ome = k.one_minus_eps, eoc = k.eps_over_c;
+  const float ood_scale = k.ood_scale, inv_c = k.inv_c;
+  load_labels(tgt, T, C, k, k.check_labels, lab);
   if (alpha == 0.0f) {
     for (int t = 0; t < T; ++t) pw[t] = 1.0f;
   } else {
@@ -213,18 +219,20 @@ UCE_INLINE void ce_tile_impl(
     const float ls = uce::fast_logf(sum[t]);
     norm_max[t] = mx[t];
     norm_log[t] = ls;
-    loss[t] = uce::pixel_loss(lab[t] < 0, pw[t], cwt[t], ls + dt[t],
-                              S * ls + smooth[t], ome, eoc);
+    const uce::PixelCe pc =
+        uce::pixel_ce(lab[t], pw[t], ome, eoc, ood_scale, inv_c);
+    pw[t] = pc.pw;
+    loss[t] = uce::pixel_loss(lab[t] == uce::kIgnoredPixel, pc.pw, cwt[t],
+                              ls + dt[t], S * ls + smooth[t],
+                              pc.one_minus_eps, pc.eps_over_c);
   }
 }
 
 template <typename IT>
 UCE_INLINE void ce_tile(const CeTile<IT>& a) {
-  ce_tile_impl<IT>(a.x0, a.c_stride, a.tgt, a.T, a.C, a.sigma, a.alpha,
-                   a.k.cw, a.k.S, a.k.one_minus_eps, a.k.eps_over_c,
-                   a.k.ignore_index, a.k.check_labels, a.mx, a.sum,
-                   a.smooth, a.dt, a.cwt,
-                   a.lab, a.pw, a.loss, a.norm_max, a.norm_log);
+  ce_tile_impl<IT>(a.x0, a.c_stride, a.tgt, a.T, a.C, a.sigma, a.alpha, a.k,
+                   a.mx, a.sum, a.smooth, a.dt, a.cwt, a.lab, a.pw, a.loss,
+                   a.norm_max, a.norm_log);
 }
 
 // ---------------------------------------------------------------------------
@@ -254,17 +262,22 @@ UCE_INLINE void bwd_tile_impl(
     const IT* __restrict x0, IT* __restrict g0, int64_t cs,
     const int64_t* __restrict tgt, const float* __restrict gl,
     const float* __restrict norm_max, const float* __restrict norm_log,
-    const float* __restrict pw, int T, int C,
-    const float* __restrict cw, float S, float ome, float eoc,
-    int64_t ignore_index, float* __restrict kh, float* __restrict ks,
-    int32_t* __restrict lab) {
-  load_labels(tgt, T, C, ignore_index, false, lab);
+    const float* __restrict pw, int T, int C, const CeConsts& k,
+    float* __restrict kh, float* __restrict ks, int32_t* __restrict lab) {
+  // Locals, not loads through `k` in the loops (the stores below may alias it).
+  const float* __restrict cw = k.cw;
+  const float S = k.S, ome = k.one_minus_eps, eoc = k.eps_over_c;
+  const float ood_scale = k.ood_scale, inv_c = k.inv_c;
+  load_labels(tgt, T, C, k, false, lab);
   for (int t = 0; t < T; ++t) {
     const int32_t l = lab[t];
     const float cw_t = cw != nullptr ? cw[l < 0 ? 0 : l] : 1.0f;
-    const uce::GradCoef k = uce::grad_coef(gl[t] * pw[t], cw_t, ome, eoc);
-    kh[t] = k.k_hard;
-    ks[t] = k.k_smooth;
+    // The saved pw is already ood_scale at an OoD pixel.
+    const uce::PixelCe pc = uce::pixel_ce(l, pw[t], ome, eoc, ood_scale, inv_c);
+    const uce::GradCoef g =
+        uce::grad_coef(gl[t] * pc.pw, cw_t, pc.one_minus_eps, pc.eps_over_c);
+    kh[t] = g.k_hard;
+    ks[t] = g.k_smooth;
   }
   for (int c = 0; c < C; ++c) {
     const IT* __restrict row = x0 + c * cs;
@@ -277,8 +290,8 @@ UCE_INLINE void bwd_tile_impl(
       // relative to the spread of the logits, whatever their offset.
       const float p =
           uce::fast_expf((load_f(row[t]) - norm_max[t]) - norm_log[t]);
-      out[t] = store_f<IT>(
-          uce::class_grad(lab[t] < 0, kh[t], ks[t], p, lab[t] == c, w, S));
+      out[t] = store_f<IT>(uce::class_grad(lab[t] == uce::kIgnoredPixel, kh[t],
+                                           ks[t], p, lab[t] == c, w, S));
     }
   }
 }
@@ -286,9 +299,7 @@ UCE_INLINE void bwd_tile_impl(
 template <typename IT>
 UCE_INLINE void bwd_tile(const BwdTile<IT>& a) {
   bwd_tile_impl<IT>(a.x0, a.g0, a.c_stride, a.tgt, a.grad_loss, a.norm_max,
-                    a.norm_log, a.pw,
-                    a.T, a.C, a.k.cw, a.k.S, a.k.one_minus_eps,
-                    a.k.eps_over_c, a.k.ignore_index, a.kh, a.ks, a.lab);
+                    a.norm_log, a.pw, a.T, a.C, a.k, a.kh, a.ks, a.lab);
 }
 
 // ---------------------------------------------------------------------------
@@ -484,14 +495,19 @@ std::pair<const float*, float> weight_and_sum(
 
 CeConsts make_ce(const std::pair<const float*, float>& w, int64_t C,
                  double label_smoothing, int64_t ignore_index,
-                 bool check_labels) {
+                 int64_t ood_index, double ood_scale, bool check_labels) {
   uce_checks::check_label_smoothing(label_smoothing);
+  uce_checks::check_ood(ood_index, ood_scale, C, ignore_index);
   CeConsts k{};
   k.cw = w.first;
   k.S = w.second;
   k.one_minus_eps = static_cast<float>(1.0 - label_smoothing);
   k.eps_over_c = static_cast<float>(label_smoothing / static_cast<double>(C));
   k.ignore_index = ignore_index;
+  k.ood_index = ood_index;
+  k.ood_on = ood_scale > 0.0;
+  k.ood_scale = static_cast<float>(ood_scale);
+  k.inv_c = static_cast<float>(1.0 / static_cast<double>(C));
   k.check_labels = check_labels;
   return k;
 }
@@ -505,7 +521,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uce_forward_cpu(
     const std::optional<at::Tensor>& sigma,
     const std::optional<at::Tensor>& weight, double alpha,
     int64_t ignore_index, double label_smoothing, int64_t correction,
-    bool check_labels) {
+    bool check_labels, int64_t ood_index, double ood_scale) {
   uce_checks::check_input(input, on_cpu);
   const at::Device device = input.device();
   const int64_t B = input.size(0);
@@ -518,7 +534,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uce_forward_cpu(
               "uce_fast: exactly one of samples and sigma must be given");
   const CeConsts ce =
       make_ce(weight_and_sum(weight, C, device), C, label_smoothing,
-              ignore_index, check_labels);
+              ignore_index, ood_index, ood_scale, check_labels);
 
   FwdParams p;
   p.B = B;
@@ -571,7 +587,8 @@ at::Tensor uce_backward_cpu(const at::Tensor& grad_loss_in,
                             const at::Tensor& norm,
                             const at::Tensor& pixel_weight,
                             const std::optional<at::Tensor>& weight,
-                            int64_t ignore_index, double label_smoothing) {
+                            int64_t ignore_index, double label_smoothing,
+                            int64_t ood_index, double ood_scale) {
   uce_checks::check_input(input, on_cpu);
   const at::Device device = input.device();
   const int64_t B = input.size(0);
@@ -587,7 +604,7 @@ at::Tensor uce_backward_cpu(const at::Tensor& grad_loss_in,
                            on_cpu);
   const CeConsts ce =
       make_ce(weight_and_sum(weight, C, device), C, label_smoothing,
-              ignore_index, false);
+              ignore_index, ood_index, ood_scale, false);
 
   at::Tensor grad_input = at::empty({B, C, N}, input.options());
   if (B * N == 0) return grad_input;

@@ -525,12 +525,14 @@ struct Reduce : StateOut {
 
 // The fused forward: the folds from an empty state (McArgs of fused_mc_args,
 // count = 0), no entropy, then the CE of the logits weighted by
-// (1 + sigma)^alpha for the same pixels. Per pixel the kernel reads the beta
-// sample rows (once on the register path, twice on the class-chunked one),
-// the logits and the label, and writes loss, norm and pixel weight (16
-// bytes): the same traffic as a kernel that computed sigma itself, since
-// sigma stays in registers (a sigma written by mc_reduce and read by the CE
-// kernel would add 8 bytes per pixel and a second launch).
+// (1 + sigma)^alpha for the same pixels (ce_pixels; an OoD pixel's sigma is
+// computed like any other's and not used, its weight being ood_scale: its
+// sample rows are part of the warp's coalesced row accesses anyway). Per pixel
+// the kernel reads the beta sample rows (once on the register path, twice on
+// the class-chunked one), the logits and the label, and writes loss, norm and
+// pixel weight (16 bytes): the same traffic as a kernel that computed sigma
+// itself, since sigma stays in registers (a sigma written by mc_reduce and read
+// by the CE kernel would add 8 bytes per pixel and a second launch).
 template <DType IT>
 struct FusedCe {
   ForwardArgs f;

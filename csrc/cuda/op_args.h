@@ -29,8 +29,12 @@ using uce_checks::check_f32_bn;
 using uce_checks::check_input;
 using uce_checks::check_label_smoothing;
 using uce_checks::check_mc_stack;
+using uce_checks::check_ood;
 using uce_checks::check_target;
 using uce_checks::check_weight;
+// The error every backend raises for the first invalid label in memory order
+// (it names ood_index when entropy maximisation is on).
+using uce_checks::raise_bad_label;
 
 // Preset of the bad-pixel buffer: no invalid label seen.
 constexpr int64_t kNoBadPixel = std::numeric_limits<int64_t>::max();
@@ -70,13 +74,6 @@ inline at::Tensor scratch_tensor(int64_t floats, const at::Tensor& like) {
   return at::empty({floats}, like.options().dtype(at::kFloat));
 }
 
-// Raises the error every backend raises for the first invalid label in
-// memory order.
-inline void raise_bad_label(int64_t label, int64_t C, int64_t ignore_index) {
-  TORCH_CHECK_VALUE(false, "target contains label ", label, ", outside [0, ",
-                    C, ") and not ignore_index (", ignore_index, ")");
-}
-
 // ---------------------------------------------------------------------------
 // uce_forward / uce_backward.
 
@@ -90,6 +87,17 @@ template <typename OnDevice>
 InputDims checked_input(const at::Tensor& input, const OnDevice& on_device) {
   check_input(input, on_device);
   return {input.device(), input.size(0), input.size(1), input.size(2)};
+}
+
+// The entropy-maximisation fields of ForwardArgs / BackwardArgs (checked
+// before with check_ood): OoD pixels are those labelled ood_index while
+// ood_scale > 0 (uce::label_code).
+template <typename Args>
+void set_ood(Args& a, int64_t C, int64_t ood_index, double ood_scale) {
+  a.ood_index = ood_index;
+  a.ood_on = ood_scale > 0.0;
+  a.ood_scale = static_cast<float>(ood_scale);
+  a.inv_c = static_cast<float>(1.0 / static_cast<double>(C));
 }
 
 struct Forward {
@@ -113,6 +121,7 @@ Forward prepare_forward(const at::Tensor& input, const at::Tensor& target,
                         const std::optional<at::Tensor>& weight, double alpha,
                         int64_t ignore_index, double label_smoothing,
                         int64_t correction, bool check_labels,
+                        int64_t ood_index, double ood_scale,
                         const OnDevice& on_device) {
   const auto [device, B, C, N] = checked_input(input, on_device);
   check_target(target, B, N, device, on_device);
@@ -122,6 +131,7 @@ Forward prepare_forward(const at::Tensor& input, const at::Tensor& target,
               "uce_fast: exactly one of samples and sigma must be given");
   const float* cw = check_weight(weight, C, device, on_device);
   check_label_smoothing(label_smoothing);
+  check_ood(ood_index, ood_scale, C, ignore_index);
 
   Forward f;
   uce_cuda::ForwardArgs& a = f.args;
@@ -136,6 +146,7 @@ Forward prepare_forward(const at::Tensor& input, const at::Tensor& target,
   a.one_minus_eps = static_cast<float>(1.0 - label_smoothing);
   a.eps_over_c = static_cast<float>(label_smoothing / static_cast<double>(C));
   a.ignore_index = ignore_index;
+  set_ood(a, C, ood_index, ood_scale);
   if (has_samples) {
     const at::Tensor& s = *samples;
     a.beta = check_mc_stack(s, correction, device, on_device);
@@ -184,6 +195,7 @@ Backward prepare_backward(const at::Tensor& grad_loss_in,
                           const at::Tensor& pixel_weight,
                           const std::optional<at::Tensor>& weight,
                           int64_t ignore_index, double label_smoothing,
+                          int64_t ood_index, double ood_scale,
                           const OnDevice& on_device) {
   const auto [device, B, C, N] = checked_input(input, on_device);
   on_device(grad_loss_in, "grad_loss", device);
@@ -196,6 +208,7 @@ Backward prepare_backward(const at::Tensor& grad_loss_in,
   check_f32_bn(pixel_weight, "pixel_weight", B, N, device, on_device);
   const float* cw = check_weight(weight, C, device, on_device);
   check_label_smoothing(label_smoothing);
+  check_ood(ood_index, ood_scale, C, ignore_index);
 
   g.grad_input = at::empty({B, C, N}, input.options());
   if (B * N == 0) return g;
@@ -216,6 +229,7 @@ Backward prepare_backward(const at::Tensor& grad_loss_in,
   a.one_minus_eps = static_cast<float>(1.0 - label_smoothing);
   a.eps_over_c = static_cast<float>(label_smoothing / static_cast<double>(C));
   a.ignore_index = ignore_index;
+  set_ood(a, C, ood_index, ood_scale);
   a.grad_input = g.grad_input.data_ptr();
   return g;
 }

@@ -29,20 +29,24 @@ namespace {
 //
 // The kernels never read out of bounds with a label and never trap (a device
 // assert would leave the CUDA context unusable): a label outside [0, C) that
-// is not ignore_index makes its pixel an ignored one. With check_labels the
-// forward also records the lowest flat pixel index with an invalid label in a
-// one-element int64 device buffer, preset to kNoBadPixel; after the launch
-// the glue copies those 8 bytes back on the current stream and raises the
-// same ValueError as the other backends. That copy synchronises the host with
-// the stream, once per checked forward: the price of a raised error instead
-// of a silently ignored pixel. While the stream is being captured into a CUDA
-// graph a synchronising copy is not allowed, so the check is skipped there
-// (graph warm-up runs, which are not captured, check). Without check_labels
-// no buffer is allocated and nothing synchronises; uce_backward never checks
-// (an invalid label there gives 0 gradient, as its forward gave 0 loss).
+// is neither ignore_index nor ood_index makes its pixel an ignored one (an
+// ood_index label is never invalid: with entropy maximisation on it is an OoD
+// pixel, uce::label_code). With check_labels the forward also records the
+// lowest flat pixel index with an invalid label in a one-element int64 device
+// buffer, preset to kNoBadPixel; after the launch the glue copies those 8
+// bytes back on the current stream and raises the same ValueError as the
+// other backends (naming ood_index when entropy maximisation is on). That
+// copy synchronises the host with the stream, once per checked forward: the
+// price of a raised error instead of a silently ignored pixel. While the
+// stream is being captured into a CUDA graph a synchronising copy is not
+// allowed, so the check is skipped there (graph warm-up runs, which are not
+// captured, check). Without check_labels no buffer is allocated and nothing
+// synchronises; uce_backward never checks (an invalid label there gives 0
+// gradient, as its forward gave 0 loss).
 
 void raise_if_bad_label(const at::Tensor& bad_pixel, const at::Tensor& target,
-                        int64_t C, int64_t ignore_index, cudaStream_t stream) {
+                        int64_t C, int64_t ignore_index, int64_t ood_index,
+                        cudaStream_t stream) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   if (capture != cudaStreamCaptureStatusNone) return;
@@ -53,7 +57,7 @@ void raise_if_bad_label(const at::Tensor& bad_pixel, const at::Tensor& target,
   int64_t label = 0;  // error path only: a second 8-byte read for the message
   c10::cuda::memcpy_and_sync(&label, target.data_ptr<int64_t>() + pixel,
                              sizeof(label), cudaMemcpyDeviceToHost, stream);
-  raise_bad_label(label, C, ignore_index);
+  raise_bad_label(label, C, ignore_index, ood_index);
 }
 
 // ---------------------------------------------------------------------------
@@ -65,10 +69,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uce_forward_cuda(
     const std::optional<at::Tensor>& sigma,
     const std::optional<at::Tensor>& weight, double alpha,
     int64_t ignore_index, double label_smoothing, int64_t correction,
-    bool check_labels) {
-  const Forward f = prepare_forward(input, target, samples, sigma, weight,
-                                    alpha, ignore_index, label_smoothing,
-                                    correction, check_labels, check_cuda);
+    bool check_labels, int64_t ood_index, double ood_scale) {
+  const Forward f = prepare_forward(
+      input, target, samples, sigma, weight, alpha, ignore_index,
+      label_smoothing, correction, check_labels, ood_index, ood_scale,
+      check_cuda);
   if (!f.launch) return f.outputs();
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor scratch =
@@ -76,7 +81,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uce_forward_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   C10_CUDA_CHECK(uce_cuda::forward(f.args, float_ptr(scratch), stream));
   if (f.bad_pixel.defined()) {
-    raise_if_bad_label(f.bad_pixel, target, f.args.C, ignore_index, stream);
+    raise_if_bad_label(f.bad_pixel, target, f.args.C, ignore_index, ood_index,
+                       stream);
   }
   return f.outputs();
 }
@@ -86,10 +92,12 @@ at::Tensor uce_backward_cuda(const at::Tensor& grad_loss,
                              const at::Tensor& norm,
                              const at::Tensor& pixel_weight,
                              const std::optional<at::Tensor>& weight,
-                             int64_t ignore_index, double label_smoothing) {
-  const Backward g =
-      prepare_backward(grad_loss, input, target, norm, pixel_weight, weight,
-                       ignore_index, label_smoothing, check_cuda);
+                             int64_t ignore_index, double label_smoothing,
+                             int64_t ood_index, double ood_scale) {
+  const Backward g = prepare_backward(grad_loss, input, target, norm,
+                                      pixel_weight, weight, ignore_index,
+                                      label_smoothing, ood_index, ood_scale,
+                                      check_cuda);
   if (!g.launch) return g.grad_input;
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();

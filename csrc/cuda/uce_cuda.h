@@ -40,11 +40,21 @@ struct ForwardArgs {
   float one_minus_eps = 1.0f;
   float eps_over_c = 0.0f;
   int64_t ignore_index = -100;
+  // Entropy maximisation (uce::label_code, uce::pixel_ce): a pixel labelled
+  // ood_index is an OoD pixel while ood_on (ood_scale > 0): its loss is the CE
+  // against the uniform distribution (eps = 1, inv_c = 1 / C) times
+  // ood_scale, which is also its saved pixel weight. ood_index ==
+  // ignore_index: off; with ood_scale == 0 (ood_on false) such a pixel is an
+  // ignored one.
+  int64_t ood_index = -100;
+  bool ood_on = false;
+  float ood_scale = 0.0f;
+  float inv_c = 0.0f;
   // Lowest flat pixel index (b * N + n) whose label is neither in [0, C) nor
-  // ignore_index. One int64 in device memory, preset to INT64_MAX by the
-  // caller; kernels lower it with atomicMin. nullptr: labels are not checked.
-  // Either way such a pixel is treated as ignored and its label never used
-  // as an index.
+  // ignore_index nor ood_index. One int64 in device memory, preset to
+  // INT64_MAX by the caller; kernels lower it with atomicMin. nullptr: labels
+  // are not checked. Either way such a pixel is treated as ignored and its
+  // label never used as an index.
   long long* bad_pixel = nullptr;
 
   // Outputs, (B, N) each: loss, pixel weight and the softmax normaliser of
@@ -69,8 +79,14 @@ struct BackwardArgs {
   float one_minus_eps = 1.0f;
   float eps_over_c = 0.0f;
   // Labels are not checked: a pixel whose label is neither in [0, C) nor
-  // ignore_index gets 0 gradient, like an ignored one.
+  // ignore_index nor ood_index gets 0 gradient, like an ignored one.
   int64_t ignore_index = -100;
+  // Entropy maximisation, as in ForwardArgs; at an OoD pixel the saved
+  // pixel_weight is ood_scale.
+  int64_t ood_index = -100;
+  bool ood_on = false;
+  float ood_scale = 0.0f;
+  float inv_c = 0.0f;
   void* grad_input = nullptr;  // (B, C, N), dtype of input
 };
 

@@ -19,8 +19,9 @@
 // All element offsets are int64 (stacks beyond 2^31 elements are routine).
 //
 // Every kernel computes in fp32 and reuses the shared per-pixel math of
-// common/uce_math.h (Welford step, std, pixel weight, label-smoothed loss and
-// gradient), so the CPU and CUDA backends implement one formula.
+// common/uce_math.h (Welford step, std, pixel weight, label codes, the
+// per-pixel CE coefficients, label-smoothed loss and gradient), so the CPU and
+// CUDA backends implement one formula.
 //
 // This file: the tiling, element access, the weighted CE of a tile
 // (ce_pixels), the CE-only forward and the backward. The Monte-Carlo
@@ -288,32 +289,39 @@ __device__ __forceinline__ float class_weight_sum(const float* __restrict__ cw,
   return *slot;
 }
 
-// Label of pixel q as int32, -1 for ignored and masked pixels. A label
-// outside [0, C) that is not ignore_index is treated as ignored, so nothing
-// is gathered with it, and, when bad_pixel is given (the forward with label
-// checks), recorded there: the lowest pixel index wins, so the error the op
-// raises after the launch names the first one in memory order, like the
-// other backends. bad_pixel == nullptr records nothing (no atomic, no
-// read-back).
-__device__ __forceinline__ int32_t load_label(const int64_t* __restrict__ tgt,
-                                              int64_t q, bool valid, int64_t C,
-                                              int64_t ignore_index,
+// The int32 code of pixel q's label (uce::label_code: the class,
+// uce::kIgnoredPixel or uce::kOodPixel); kIgnoredPixel for masked pixels
+// (nothing read). A bad label (outside [0, C), neither ignore_index nor
+// ood_index) gives kIgnoredPixel, so nothing is gathered with it, and, when
+// bad_pixel is given (the forward with label checks), is recorded there: the
+// lowest pixel index wins, so the error the op raises after the launch names
+// the first one in memory order, like the other backends. bad_pixel ==
+// nullptr records nothing (no atomic, no read-back). Args: ForwardArgs or
+// BackwardArgs (target, C, ignore_index and the OoD fields).
+template <typename Args>
+__device__ __forceinline__ int32_t load_label(const Args& a, int64_t q,
+                                              bool valid,
                                               long long* bad_pixel) {
-  if (!valid) return -1;
-  const int64_t l =
-      static_cast<int64_t>(__ldg(reinterpret_cast<const long long*>(tgt) + q));
-  if (l == ignore_index) return -1;
-  if (static_cast<uint64_t>(l) >= static_cast<uint64_t>(C)) {
-    if (bad_pixel != nullptr) atomicMin(bad_pixel, static_cast<long long>(q));
-    return -1;
+  if (!valid) return uce::kIgnoredPixel;
+  const int64_t l = static_cast<int64_t>(
+      __ldg(reinterpret_cast<const long long*>(a.target) + q));
+  bool bad = false;
+  const int32_t code = uce::label_code(l, a.C, a.ignore_index, a.ood_index,
+                                       a.ood_on, &bad);
+  if (bad && bad_pixel != nullptr) {
+    atomicMin(bad_pixel, static_cast<long long>(q));
   }
-  return static_cast<int32_t>(l);
+  return code;
 }
 
 // ---------------------------------------------------------------------------
 // Weighted, label-smoothed CE of the thread's V pixels, scaled by
-// (1 + sigma)^alpha; writes loss, norm and pixel weight. Two passes over the
-// class rows exactly as the CPU kernel: max, then sum_c exp(x_c - max) and
+// (1 + sigma)^alpha, or at an OoD pixel the CE against the uniform
+// distribution scaled by ood_scale (uce::pixel_ce: three per-pixel selects of
+// the weight and the smoothing factors, no extra byte read or written: the
+// smoothing sum is formed for every pixel anyway); writes loss, norm and
+// pixel weight (the one pixel_ce returns). Two passes over the class rows
+// exactly as the CPU kernel: max, then sum_c exp(x_c - max) and
 // sum_c cw[c] (max - x_c) from non-negative terms, with x_t and cw[t] picked
 // by a select on the class index (no gather with the label). The second pass
 // re-reads the rows the first one just read: from L1/L2 for small C (logits
@@ -329,12 +337,9 @@ __device__ __forceinline__ void ce_pixels(const ForwardArgs& a,
   const int64_t N = a.N;
   const int C = static_cast<int>(a.C);
 
-  int32_t lab[V];
   float pw[V];
 #pragma unroll
   for (int v = 0; v < V; ++v) {
-    lab[v] = load_label(a.target, px.q[v], px.valid[v], a.C, a.ignore_index,
-                        a.bad_pixel);
     pw[v] = a.alpha == 0.0f ? 1.0f : uce::pixel_weight(sigma[v], a.alpha);
   }
 
@@ -348,9 +353,14 @@ __device__ __forceinline__ void ce_pixels(const ForwardArgs& a,
     for (int v = 0; v < V; ++v) mx[v] = r[v] > mx[v] ? r[v] : mx[v];
   }
 
+  // The label codes only from here on: the max pass does not need them, so
+  // they are not live across it (V registers fewer there: the fused kernel's
+  // scalar-mode tiles of 8 pixels are at the register limit).
+  int32_t lab[V];
   float sum[V], smooth[V], dt[V], cwt[V];
 #pragma unroll
   for (int v = 0; v < V; ++v) {
+    lab[v] = load_label(a, px.q[v], px.valid[v], a.bad_pixel);
     sum[v] = 0.0f;
     smooth[v] = 0.0f;
     dt[v] = 0.0f;
@@ -380,10 +390,14 @@ __device__ __forceinline__ void ce_pixels(const ForwardArgs& a,
     const int64_t q = px.q[v];
     a.norm_max[q] = mx[v];
     a.norm_log[q] = ls;
-    a.loss[q] = uce::pixel_loss(lab[v] < 0, pw[v], cwt[v], ls + dt[v],
-                                S * ls + smooth[v], a.one_minus_eps,
-                                a.eps_over_c);
-    a.pixel_weight[q] = pw[v];
+    // An OoD pixel hit no class above (dt = cwt = 0); its hard term is
+    // dropped by pixel_loss's select on one_minus_eps == 0.
+    const uce::PixelCe pc = uce::pixel_ce(lab[v], pw[v], a.one_minus_eps,
+                                          a.eps_over_c, a.ood_scale, a.inv_c);
+    a.loss[q] = uce::pixel_loss(lab[v] == uce::kIgnoredPixel, pc.pw, cwt[v],
+                                ls + dt[v], S * ls + smooth[v],
+                                pc.one_minus_eps, pc.eps_over_c);
+    a.pixel_weight[q] = pc.pw;
   }
 }
 
@@ -416,7 +430,9 @@ __global__ void __launch_bounds__(kCeThreads)
 // Backward: grad_input[b, c, n] from the saved norm and pixel weight; every
 // element read once and written once (16-byte loads and stores in vector
 // mode). Ignored (and invalid-label) pixels get exactly 0 by a select, even
-// when grad_loss is inf there. Labels are not checked here (no bad-pixel
+// when grad_loss is inf there; an OoD pixel gets the gradient of its uniform
+// CE (uce::pixel_ce; the saved pixel weight is ood_scale there, so it moves
+// the same bytes as any pixel). Labels are not checked here (no bad-pixel
 // buffer, so no read-back after the launch): an invalid one can only come
 // from a forward run without checks, which gave that pixel 0 loss.
 
@@ -441,19 +457,24 @@ __global__ void __launch_bounds__(kBwdThreads)
     float kh[V], ks[V], mx[V], ls[V];
 #pragma unroll
     for (int v = 0; v < V; ++v) {
-      lab[v] = load_label(a.target, px.q[v], px.valid[v], a.C, a.ignore_index,
-                          nullptr);
+      lab[v] = load_label(a, px.q[v], px.valid[v], nullptr);
       kh[v] = 0.0f;
       ks[v] = 0.0f;
       mx[v] = 0.0f;
       ls[v] = 0.0f;
       if (px.valid[v]) {
         const int64_t q = px.q[v];
+        // Class 0's weight for an ignored or OoD pixel (never an index out of
+        // range), unused there: an ignored pixel's gradient is selected away,
+        // an OoD pixel's k_hard is 0.
         const float cw_t =
             cw != nullptr ? __ldg(cw + (lab[v] < 0 ? 0 : lab[v])) : 1.0f;
-        const uce::GradCoef k =
-            uce::grad_coef(__ldg(a.grad_loss + q) * __ldg(a.pixel_weight + q),
-                           cw_t, a.one_minus_eps, a.eps_over_c);
+        const uce::PixelCe pc =
+            uce::pixel_ce(lab[v], __ldg(a.pixel_weight + q), a.one_minus_eps,
+                          a.eps_over_c, a.ood_scale, a.inv_c);
+        const uce::GradCoef k = uce::grad_coef(
+            __ldg(a.grad_loss + q) * pc.pw, cw_t, pc.one_minus_eps,
+            pc.eps_over_c);
         kh[v] = k.k_hard;
         ks[v] = k.k_smooth;
         mx[v] = __ldg(a.norm_max + q);
@@ -473,7 +494,8 @@ __global__ void __launch_bounds__(kBwdThreads)
         // become the softmax's relative error; x - max is exact or rounded
         // relative to the spread of the logits, whatever their offset.
         const float p = exp_f((r[v] - mx[v]) - ls[v]);
-        r[v] = uce::class_grad(lab[v] < 0, kh[v], ks[v], p, lab[v] == c, w, S);
+        r[v] = uce::class_grad(lab[v] == uce::kIgnoredPixel, kh[v], ks[v], p,
+                               lab[v] == c, w, S);
       }
       store_row<IT, V, kVec>(out, px, off, r);
     }

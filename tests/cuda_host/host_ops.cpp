@@ -56,10 +56,11 @@ at::Tensor poisoned_scratch(int64_t floats, const at::Tensor& like) {
 // The read-back of uce_cuda.cpp (checked forward only), without the device
 // copy.
 void raise_if_bad_label(const at::Tensor& bad_pixel, const at::Tensor& target,
-                        int64_t C, int64_t ignore_index) {
+                        int64_t C, int64_t ignore_index, int64_t ood_index) {
   const int64_t pixel = bad_pixel.item<int64_t>();
   if (pixel == kNoBadPixel) return;
-  raise_bad_label(target.data_ptr<int64_t>()[pixel], C, ignore_index);
+  raise_bad_label(target.data_ptr<int64_t>()[pixel], C, ignore_index,
+                  ood_index);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> uce_forward(
@@ -68,10 +69,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uce_forward(
     const std::optional<at::Tensor>& sigma,
     const std::optional<at::Tensor>& weight, double alpha,
     int64_t ignore_index, double label_smoothing, int64_t correction,
-    bool check_labels) {
-  const Forward f = prepare_forward(input, target, samples, sigma, weight,
-                                    alpha, ignore_index, label_smoothing,
-                                    correction, check_labels, check_cpu);
+    bool check_labels, int64_t ood_index, double ood_scale) {
+  const Forward f = prepare_forward(
+      input, target, samples, sigma, weight, alpha, ignore_index,
+      label_smoothing, correction, check_labels, ood_index, ood_scale,
+      check_cpu);
   TORCH_CHECK(f.bad_pixel.defined() == (check_labels && f.launch),
               "uce_fast (CUDA kernels on the host): a bad-pixel buffer must "
               "exist exactly for a checked forward with pixels");
@@ -85,7 +87,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uce_forward(
   check_launch(uce_cuda::forward(f.args, float_ptr(scratch), nullptr),
                "uce_forward");
   if (f.bad_pixel.defined()) {
-    raise_if_bad_label(f.bad_pixel, target, f.args.C, ignore_index);
+    raise_if_bad_label(f.bad_pixel, target, f.args.C, ignore_index,
+                       ood_index);
   }
   return f.outputs();
 }
@@ -94,10 +97,12 @@ at::Tensor uce_backward(const at::Tensor& grad_loss, const at::Tensor& input,
                         const at::Tensor& target, const at::Tensor& norm,
                         const at::Tensor& pixel_weight,
                         const std::optional<at::Tensor>& weight,
-                        int64_t ignore_index, double label_smoothing) {
-  const Backward g =
-      prepare_backward(grad_loss, input, target, norm, pixel_weight, weight,
-                       ignore_index, label_smoothing, check_cpu);
+                        int64_t ignore_index, double label_smoothing,
+                        int64_t ood_index, double ood_scale) {
+  const Backward g = prepare_backward(grad_loss, input, target, norm,
+                                      pixel_weight, weight, ignore_index,
+                                      label_smoothing, ood_index, ood_scale,
+                                      check_cpu);
   if (!g.launch) return g.grad_input;
   poison(g.grad_input);
   check_launch(uce_cuda::backward(g.args, nullptr), "uce_backward");
@@ -167,13 +172,13 @@ TORCH_LIBRARY(uce_cuda_host, m) {
   m.def(
       "uce_forward(Tensor input, Tensor target, Tensor? samples, "
       "Tensor? sigma, Tensor? weight, float alpha, int ignore_index, "
-      "float label_smoothing, int correction, bool check_labels) -> "
-      "(Tensor, Tensor, Tensor)",
+      "float label_smoothing, int correction, bool check_labels, "
+      "int ood_index, float ood_scale) -> (Tensor, Tensor, Tensor)",
       &uce_cuda_host::uce_forward);
   m.def(
       "uce_backward(Tensor grad_loss, Tensor input, Tensor target, "
       "Tensor norm, Tensor pixel_weight, Tensor? weight, int ignore_index, "
-      "float label_smoothing) -> Tensor",
+      "float label_smoothing, int ood_index, float ood_scale) -> Tensor",
       &uce_cuda_host::uce_backward);
   m.def(
       "mc_accumulate_(Tensor(a!) mean, Tensor(b!) m2, Tensor(c!) entropy, "

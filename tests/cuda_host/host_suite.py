@@ -44,13 +44,14 @@ _, BUILD_SECONDS = host_build.build(BUILD_DIR)
 H = torch.ops.uce_cuda_host
 NAN = float("nan")
 INF = float("inf")
+# The ops' (ood_index, ood_scale) with entropy maximisation off: ood_index == ignore_index (-100).
+NO_OOD = (-100, 0.0)
 
-def _cpu_forward(*args):
+
+def _cpu_forward(*args, ood=NO_OOD):
     """torch.ops.uce_fast.uce_forward of the compiled CPU kernels with label checks: the op's
-    arguments without check_labels, which is appended where the registered schema has it."""
-    op = torch.ops.uce_fast.uce_forward.default
-    has_flag = any(a.name == "check_labels" for a in op._schema.arguments)
-    return op(*args, True) if has_flag else op(*args)
+    arguments up to correction, then check_labels (True) and ``ood`` (ood_index, ood_scale)."""
+    return torch.ops.uce_fast.uce_forward.default(*args, True, *ood)
 
 
 # Worst error of each output against the reference: name -> (max |diff|, max |diff| / tolerance).
@@ -170,34 +171,53 @@ def _problem(batch, classes, pixels, beta, *, dtype=torch.float32, sample_dtype=
     return logits.to(dtype), target, samples.to(sample_dtype or dtype)
 
 
+def _ood_mask(target, ignore_index, ood_index, ood_scale):
+    """The OoD pixels (entropy maximisation): labelled ood_index, on only when ood_index is not
+    ignore_index and ood_scale > 0; None when off."""
+    if ood_index is None or ood_index == ignore_index or ood_scale == 0:
+        return None
+    return target == ood_index
+
+
 def _expected(input, target, samples, sigma, weight, alpha, ignore_index, eps, correction,
-              grad_loss):
-    """(loss, lse, pixel_weight, grad_input) of the reference on the same values."""
+              grad_loss, ood_index=None, ood_scale=0.0):
+    """(loss, lse, pixel_weight, grad_input) of the reference on the same values; with OoD
+    pixels (``_ood_mask``) their loss is ood_scale times the CE against the uniform distribution
+    and their pixel weight ood_scale."""
     x = input.detach().clone().requires_grad_(True)
     if samples is not None:
         sigma = reference.mc_uncertainty(samples, correction)[0]
     pixel_weight = reference.uncertainty_weight(sigma, alpha)
     if alpha == 0:
         pixel_weight = torch.ones_like(pixel_weight)
+    ood = _ood_mask(target, ignore_index, ood_index, ood_scale)
     loss = reference.weighted_cross_entropy(x, target, pixel_weight, weight=weight,
-                                            ignore_index=ignore_index, label_smoothing=eps)
+                                            ignore_index=ignore_index, label_smoothing=eps,
+                                            ood=ood, ood_scale=ood_scale)
     (grad,) = torch.autograd.grad(loss, x, grad_loss)
     lse = torch.logsumexp(x.detach().float(), dim=1)
-    return loss.detach(), lse, pixel_weight.float(), grad
+    pixel_weight = pixel_weight.float()
+    if ood is not None:
+        pixel_weight = torch.where(ood, torch.tensor(ood_scale, dtype=torch.float32),
+                                   pixel_weight)
+    return loss.detach(), lse, pixel_weight, grad
 
 
 def _check_fused(input, target, samples=None, *, sigma=None, weight=None, alpha=3.0,
                  ignore_index=-100, eps=0.1, correction=1, scale=1.0, grad_loss=None,
-                 check_labels=True):
+                 check_labels=True, ood_index=None, ood_scale=0.0):
     """uce_forward and uce_backward against the reference, and the kernels' access modes.
+    ood_index None: entropy maximisation off (the ops get ood_index = ignore_index).
     Returns the outputs (loss, norm, pixel_weight, grad) and the two launches."""
     _, C, N = input.shape
     if grad_loss is None:
         grad_loss = torch.rand(target.shape, generator=torch.Generator().manual_seed(1)) + 0.5
+    ood_args = (ignore_index if ood_index is None else ood_index, ood_scale)
     loss, norm, pw = H.uce_forward(input, target, samples, sigma, weight, alpha, ignore_index,
-                                   eps, correction, check_labels)
+                                   eps, correction, check_labels, *ood_args)
     (fwd,) = _launched()
-    grad = H.uce_backward(grad_loss, input, target, norm, pw, weight, ignore_index, eps)
+    grad = H.uce_backward(grad_loss, input, target, norm, pw, weight, ignore_index, eps,
+                          *ood_args)
     (bwd,) = _launched()
 
     if samples is None:
@@ -213,15 +233,20 @@ def _check_fused(input, target, samples=None, *, sigma=None, weight=None, alpha=
     _check_access_mode(bwd, N, [(input, _elem(input)), (grad, _elem(grad))])
 
     ref = _expected(input, target, samples, sigma, weight, alpha, ignore_index, eps, correction,
-                    grad_loss)
-    valid = (target != ignore_index) & (target >= 0) & (target < C)
+                    grad_loss, ood_index, ood_scale)
+    # The pixels with a loss: a known class, or OoD while entropy maximisation is on.
+    counted = (target != ignore_index) & (target >= 0) & (target < C)
+    ood = _ood_mask(target, ignore_index, ood_index, ood_scale)
+    if ood is not None:
+        counted = counted | ood
+        assert torch.equal(pw[ood], torch.full_like(pw[ood], ood_scale)), "OoD pixel weight"
     _close("loss", loss, ref[0], dtype=torch.float32, scale=5 * scale)
     _close("norm (log-sum-exp)", norm.sum(0), ref[1], dtype=torch.float32, scale=scale)
     assert torch.equal(norm[0], input.float().amax(1)), "norm[0] is the max logit"
     _close("pixel_weight", pw, ref[2], dtype=torch.float32, scale=5 * scale)
     _close("grad", grad, ref[3], scale=5 * scale)
-    assert torch.count_nonzero(loss[~valid]) == 0
-    assert torch.count_nonzero(grad.transpose(0, 1)[:, ~valid]) == 0
+    assert torch.count_nonzero(loss[~counted]) == 0
+    assert torch.count_nonzero(grad.transpose(0, 1)[:, ~counted]) == 0
     return (loss, norm, pw, grad), (fwd, bwd)
 
 
@@ -268,7 +293,7 @@ def test_chunked_shared_memory_and_scratch(classes, beta):
     block."""
     input, target, samples = _problem(2, classes, 40, beta, seed=beta)
     _check_fused(input, target, samples, alpha=10.0, correction=0)
-    H.uce_forward(input, target, samples, None, None, 10.0, -100, 0.0, 0, True)
+    H.uce_forward(input, target, samples, None, None, 10.0, -100, 0.0, 0, True, *NO_OOD)
     (k,) = _launched()
     assert k["smem"] == (2 * beta * 256 * 4 if beta <= 23 else 0), k
 
@@ -279,7 +304,7 @@ def test_scratch_grid_capped_at_8_per_sm(reverse):
     its own scratch slice; capping the blocks run further must not change a bit."""
     input, target, samples = _problem(3, 70, 777, 24, ignore_frac=0.1)
     H.configure(132, 0, False, False)
-    want = H.uce_forward(input, target, samples, None, None, 10.0, -100, 0.1, 1, True)
+    want = H.uce_forward(input, target, samples, None, None, 10.0, -100, 0.1, 1, True, *NO_OOD)
     H.launches()
     for max_blocks in (0, 3, 1):
         H.configure(1, max_blocks, reverse, False)
@@ -344,7 +369,7 @@ def test_fused_sigma_is_mc_reduce_sigma(sample_dtype, classes, pixels, offset):
     weight = torch.rand(classes) + 0.5
     for correction in (0, 1):
         fused = H.uce_forward(input, target, samples, None, weight, 10.0, -100, 0.1,
-                              correction, True)
+                              correction, True, *NO_OOD)
         (k,) = _launched()
         assert _out(k).startswith("FusedCe"), k
         sigma, pred, _, _, probs = H.mc_reduce(samples, None, None, None, 0, 1, pixels, 1,
@@ -352,7 +377,7 @@ def test_fused_sigma_is_mc_reduce_sigma(sample_dtype, classes, pixels, offset):
         (k,) = _launched()
         assert _out(k) == "Reduce", k
         given = H.uce_forward(input, target, None, sigma, weight, 10.0, -100, 0.1, correction,
-                              True)
+                              True, *NO_OOD)
         assert [k["kernel"] for k in _launched()] == ["ce_kernel"]
         for name, a, b in zip(("loss", "norm", "pixel_weight"), fused, given, strict=True):
             assert torch.equal(_bits(a), _bits(b)), name
@@ -456,10 +481,10 @@ def test_invalid_labels_report_the_lowest_pixel(classes, with_samples, max_block
     args = (samples, None) if with_samples else (None, torch.rand(target.shape))
     pattern = rf"target contains label -7, outside \[0, {classes}\) and not ignore_index \(-100\)"
     with pytest.raises(ValueError, match=pattern):
-        H.uce_forward(input, target, *args, None, 2.0, -100, 0.0, 1, True)
+        H.uce_forward(input, target, *args, None, 2.0, -100, 0.0, 1, True, *NO_OOD)
     target[0, 1200] = 0            # next: pixel (1, 0)
     with pytest.raises(ValueError, match=rf"target contains label {2**40}, outside"):
-        H.uce_forward(input, target, *args, None, 2.0, -100, 0.0, 1, True)
+        H.uce_forward(input, target, *args, None, 2.0, -100, 0.0, 1, True, *NO_OOD)
 
 
 @pytest.mark.parametrize("classes", [5, 19, 40, 150])
@@ -486,12 +511,166 @@ def test_unchecked_invalid_labels_are_ignored_pixels(classes, with_samples, eps)
     for name, a, b in zip(("loss", "norm", "pixel_weight", "grad"), got, want, strict=True):
         assert torch.equal(a, b), name
     # Checked on the clean labels, the forward agrees with the unchecked one too.
-    checked = H.uce_forward(input, ignored, samples, sigma, weight, 3.0, -100, eps, 1, True)
+    checked = H.uce_forward(input, ignored, samples, sigma, weight, 3.0, -100, eps, 1, True,
+                            *NO_OOD)
     for name, a, b in zip(("loss", "norm", "pixel_weight"), checked, want[:3], strict=True):
         assert torch.equal(a, b), name
     # The backward with the invalid labels, from the checked forward of the clean ones.
-    grad = H.uce_backward(grad_loss, input, target, checked[1], checked[2], weight, -100, eps)
+    grad = H.uce_backward(grad_loss, input, target, checked[1], checked[2], weight, -100, eps,
+                          *NO_OOD)
     assert torch.equal(grad, want[3])
+
+
+# ------------------------------------------------------------ entropy maximisation (OoD labels)
+
+OOD = 254
+
+
+def _with_ood(target, frac=0.25, seed=3):
+    """``target`` with a random share ``frac`` of its pixels relabelled OOD."""
+    gen = torch.Generator().manual_seed(seed)
+    return target.masked_fill(torch.rand(target.shape, generator=gen) < frac, OOD)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("classes", [1, 5, 12, 19, 64, 65, 150])
+@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[1], LAYOUTS[4]],
+                         ids=lambda v: f"N{v[0]}-off{v[1]}{v[2]}")
+def test_ood_paths(dtype, classes, layout):
+    """Entropy maximisation on every register bucket and the class-chunked path (its global
+    scratch too: beta 24 at 150 classes), in vector and scalar mode, fused (samples) and with a
+    given sigma, with class weights and label smoothing: OoD pixels beside known and ignored
+    ones against the reference, their saved pixel weight ood_scale; checked and unchecked
+    labels give the same bits, and so does the CE-only forward given mc_reduce's sigma."""
+    pixels, input_offset, samples_offset = layout
+    beta = 24 if classes == 150 else 3
+    input, target, samples = _problem(2, classes, pixels, beta, dtype=dtype, seed=classes + 1)
+    target = _with_ood(target)
+    assert (target == OOD).any() and (target == -100).any() and (target >= 0).any()
+    input = _with_offset(input, input_offset)
+    samples = _with_offset(samples, samples_offset)
+    weight = torch.rand(classes) + 0.5
+    ood = dict(ood_index=OOD, ood_scale=3.0)
+    checked, _ = _check_fused(input, target, samples, weight=weight, eps=0.1, **ood)
+    unchecked, _ = _check_fused(input, target, samples, weight=weight, eps=0.1,
+                                check_labels=False, **ood)
+    for name, a, b in zip(("loss", "norm", "pixel_weight", "grad"), checked, unchecked,
+                          strict=True):
+        assert torch.equal(a, b), name
+    sigma = H.mc_reduce(samples, None, None, None, 0, 1, pixels, 1, pixels, False, 1, False,
+                        False)[0]
+    H.launches()
+    given, _ = _check_fused(input, target, sigma=sigma, weight=weight, eps=0.1, **ood)
+    for name, a, b in zip(("loss", "norm", "pixel_weight"), checked[:3], given[:3],
+                          strict=True):
+        assert torch.equal(_bits(a), _bits(b)), name
+    sigma = _with_offset(torch.rand(target.shape), input_offset)
+    _check_fused(input, target, sigma=sigma, eps=0.0, ood_index=OOD, ood_scale=9.0)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("classes", [5, 150])
+def test_ood_weights_and_label_smoothing(eps, weighted, classes):
+    """OoD pixels with and without class weights, at every label smoothing (eps = 1 makes every
+    pixel's loss the uniform CE), fused and with a given sigma, ignore_index 255."""
+    input, target, samples = _problem(2, classes, 40, 3, dtype=torch.bfloat16, seed=7,
+                                      ignore_index=255)
+    target = _with_ood(target, 0.3)
+    weight = torch.rand(classes) + 0.1 if weighted else None
+    ood = dict(ignore_index=255, ood_index=OOD, ood_scale=0.5)
+    _check_fused(input, target, samples, weight=weight, eps=eps, **ood)
+    _check_fused(input, target, sigma=torch.rand(target.shape), weight=weight, eps=eps, **ood)
+
+
+@pytest.mark.parametrize("classes", [3, 19, 150])
+@pytest.mark.parametrize("with_samples", [True, False], ids=["samples", "sigma"])
+@pytest.mark.parametrize("check_labels", [True, False], ids=["checked", "unchecked"])
+def test_ood_scale_zero_is_ignore_index(classes, with_samples, check_labels):
+    """ood_scale == 0: an OoD pixel is exactly an ignored one. Loss, norm, pixel weight and
+    gradient equal, bit for bit, those of the run with its label replaced by ignore_index and
+    entropy maximisation off; the checked forward raises nothing for it."""
+    input, target, samples = _problem(2, classes, 64, 3, seed=classes)
+    target = _with_ood(target)
+    weight = torch.rand(classes) + 0.5
+    sigma = None if with_samples else torch.rand(target.shape)
+    samples = samples if with_samples else None
+    got, _ = _check_fused(input, target, samples, sigma=sigma, weight=weight,
+                          check_labels=check_labels, ood_index=OOD, ood_scale=0.0)
+    ignored = target.masked_fill(target == OOD, -100)
+    want, _ = _check_fused(input, ignored, samples, sigma=sigma, weight=weight,
+                           check_labels=check_labels)
+    for name, a, b in zip(("loss", "norm", "pixel_weight", "grad"), got, want, strict=True):
+        assert torch.equal(_bits(a), _bits(b)), name
+
+
+@pytest.mark.parametrize("classes", [5, 150])
+@pytest.mark.parametrize("with_samples", [True, False], ids=["samples", "sigma"])
+@pytest.mark.parametrize("max_blocks", [0, 1], ids=["full-grid", "one-block"])
+def test_ood_labels_beside_bad_labels(classes, with_samples, max_blocks):
+    """A label ood_index is never a bad one. Checked (blocks run last to first): the error names
+    the lowest pixel with a bad label although OoD labels come before it, in the wording that
+    names ood_index (the CPU kernels' text), also with ood_scale == 0. Unchecked: the bad
+    labels' pixels are ignored ones (every output equal, bit for bit, to the run with them
+    replaced by ignore_index) while the OoD pixels keep their loss."""
+    input, target, samples, bad = _bad_labels(classes)
+    target[0, :1200:7] = OOD       # before the first bad label, (0, 1200)
+    target[1, 5] = OOD
+    assert torch.equal(bad, (target != -100) & (target != OOD)
+                       & ((target < 0) | (target >= classes)))
+    sigma = torch.rand(target.shape)
+    args = (samples, None) if with_samples else (None, sigma)
+    H.configure(132, max_blocks, True, False)
+    pattern = (rf"target contains label -7, outside \[0, {classes}\) and neither ignore_index "
+               rf"\(-100\) nor ood_index \({OOD}\)")
+    # The CPU kernels' text, from a target whose one bad label is that first one (which bad
+    # label they name among several is not specified).
+    single = target.masked_fill(bad, 0)
+    single[0, 1200] = -7
+    for scale in (3.0, 0.0):
+        with pytest.raises(ValueError, match=pattern) as err:
+            H.uce_forward(input, target, *args, None, 2.0, -100, 0.1, 1, True, OOD, scale)
+        if "cpu" in uce_fast.available_backends():
+            with pytest.raises(ValueError) as cpu_err:
+                _cpu_forward(input, single, *args, None, 2.0, -100, 0.1, 1, ood=(OOD, scale))
+            assert str(err.value) == str(cpu_err.value)
+    H.configure(132, 0, False, False)
+    H.launches()
+
+    weight = torch.rand(classes) + 0.5
+    grad_loss = torch.rand(target.shape) + 0.5
+    common = dict(sigma=None if with_samples else sigma, weight=weight, eps=0.2,
+                  grad_loss=grad_loss, ood_index=OOD, ood_scale=3.0)
+    samples = samples if with_samples else None
+    got, _ = _check_fused(input, target, samples, check_labels=False, **common)
+    want, _ = _check_fused(input, target.masked_fill(bad, -100), samples, **common)
+    for name, a, b in zip(("loss", "norm", "pixel_weight", "grad"), got, want, strict=True):
+        assert torch.equal(a, b), name
+    assert torch.count_nonzero(got[0][bad]) == 0
+    assert (got[0][target == OOD] > 0).all()
+
+
+def test_ood_argument_checks():
+    """Both ops check ood_index and ood_scale as the CPU kernels do (uce_checks::check_ood),
+    before any launch; ood_index == ignore_index is accepted inside [0, C) (off)."""
+    input, target, samples = _problem(2, 5, 16, 2)
+    loss, norm, pw = H.uce_forward(input, target, samples, None, None, 2.0, -100, 0.0, 1, True,
+                                   *NO_OOD)
+    H.launches()
+    index_error = r"ood_index must be outside \[0, 5\) \(or equal ignore_index"
+    scale_error = r"ood_scale must be a finite number >= 0"
+    for ood_index, ood_scale, match in ((0, 1.0, index_error), (4, 0.0, index_error),
+                                        (OOD, -1.0, scale_error), (OOD, INF, scale_error),
+                                        (OOD, NAN, scale_error)):
+        with pytest.raises(ValueError, match=match):
+            H.uce_forward(input, target, samples, None, None, 2.0, -100, 0.0, 1, True,
+                          ood_index, ood_scale)
+        with pytest.raises(ValueError, match=match):
+            H.uce_backward(loss, input, target, norm, pw, None, -100, 0.0, ood_index,
+                           ood_scale)
+    assert _launched() == []
+    ignore_zero = target.masked_fill(target == -100, 0)
+    _check_fused(input, ignore_zero, samples, ignore_index=0, ood_index=0, ood_scale=2.0)
 
 
 @pytest.mark.parametrize("check_labels", [True, False])
@@ -501,9 +680,9 @@ def test_labels_of_empty_inputs(check_labels):
     target = torch.zeros(0, 7, dtype=torch.int64)
     samples = torch.randn(3, 0, 5, 7)
     loss, norm, pw = H.uce_forward(input, target, samples, None, None, 2.0, -100, 0.0, 1,
-                                   check_labels)
+                                   check_labels, *NO_OOD)
     assert loss.shape == (0, 7) and norm.shape == (2, 0, 7) and pw.shape == (0, 7)
-    grad = H.uce_backward(loss, input, target, norm, pw, None, -100, 0.0)
+    grad = H.uce_backward(loss, input, target, norm, pw, None, -100, 0.0, *NO_OOD)
     assert grad.shape == input.shape
     assert _launched() == []
 
@@ -523,8 +702,8 @@ def test_non_finite_logits(classes, fill):
     grad_loss = torch.rand(target.shape) + 0.5
     for eps in (0.0, 0.1):
         loss, norm, pw = H.uce_forward(input, target, samples, None, None, 2.0, -100, eps, 1,
-                                       True)
-        grad = H.uce_backward(grad_loss, input, target, norm, pw, None, -100, eps)
+                                       True, *NO_OOD)
+        grad = H.uce_backward(grad_loss, input, target, norm, pw, None, -100, eps, *NO_OOD)
         ref = _expected(input, target, samples, None, None, 2.0, -100, eps, 1, grad_loss)
         _close("loss (non-finite)", loss, ref[0], scale=5)
         _close("pixel_weight (non-finite)", pw, ref[2], scale=5)

@@ -8,9 +8,17 @@ in registers (C <= 128) the sigma comes from the same device functions as ``mc_r
 class chunks the launcher computes it first with ``mc_reduce``'s class-chunked kernel and this
 kernel reads it (see ``uce_fast.triton.ops``).
 
-Labels: both kernels treat a bad label (outside [0, C), not ``ignore_index``) as ignored and
-gather with a clamped index, so nothing is read out of bounds; with ``CHECK_LABELS`` the forward
-also raises a one-word flag for the launcher to report it.
+Labels: both kernels treat a bad label (outside [0, C), neither ``ignore_index`` nor
+``ood_index``) as ignored and gather with a clamped index, so nothing is read out of bounds; with
+``CHECK_LABELS`` the forward also raises a one-word flag for the launcher to report it.
+
+Entropy maximisation: a pixel labelled ``ood_index`` (with ``ood_scale`` > 0) is an OoD pixel:
+the CE against the uniform distribution, i.e. label smoothing with ε = 1, weighted by
+``ood_scale`` instead of (1 + sigma)^alpha. It needs the smoothing sum, which the ``SMOOTH``
+variants form anyway: the launchers choose ``SMOOTH`` when label smoothing or OoD pixels are on,
+and those variants select the coefficients (weight, 1 - ε, ε/C) per pixel as ``uce::pixel_ce``
+does (three selects per pixel, no further read), so no variant of its own is compiled; the others
+only keep ``ood_index`` out of the bad labels (with ``ood_scale`` = 0 such a pixel is ignored).
 """
 
 from __future__ import annotations
@@ -25,15 +33,28 @@ from uce_fast.triton.tiles import LN2, LOG2E, NEG_INF, _load_classes, _pixel_til
 
 
 @triton.jit
-def _labels(t_tile, j, nmask, C, ignore_index):
-    """(valid, bad, class index int32) of a tile of int64 targets: valid = a label in [0, C) on a
-    real pixel; bad = a label outside [0, C) that is not ignore_index. The index is the label
-    where it is valid and 0 elsewhere, so gathers with it never leave [0, C)."""
+def _labels(t_tile, j, nmask, C, ignore_index, ood_index, ood_scale):
+    """(valid, ood, bad, class index int32) of a tile of int64 targets, as ``uce::label_code``:
+    valid = a label in [0, C) on a real pixel; ood = ood_index on a real pixel while ood_scale > 0
+    (ood_index is outside [0, C), or ignore_index to turn it off: then never); bad = a label
+    outside [0, C) that is neither ignore_index nor ood_index. The index is the label where it is
+    valid and 0 elsewhere, so gathers with it never leave [0, C)."""
     t = tl.load(t_tile + j, mask=nmask, other=ignore_index)
     keep = t != ignore_index
-    bad = keep & ((t < 0) | (t >= C))
-    valid = keep & (~bad) & nmask
-    return valid, bad & nmask, tl.where(valid, t, 0).to(tl.int32)
+    out = (t < 0) | (t >= C)
+    is_ood = keep & (t == ood_index)
+    bad = keep & out & (~is_ood)
+    valid = keep & (~out) & nmask
+    return (valid, is_ood & (ood_scale > 0.0) & nmask, bad & nmask,
+            tl.where(valid, t, 0).to(tl.int32))
+
+
+@triton.jit
+def _pixel_ce(ood, pw, one_minus_eps, eps_over_c, ood_scale, inv_c):
+    """The CE coefficients of each pixel, as ``uce::pixel_ce``: (weight, 1 - eps, eps / C), at an
+    OoD pixel (ood_scale, 0, 1 / C)."""
+    return (tl.where(ood, ood_scale, pw), tl.where(ood, 0.0, one_minus_eps),
+            tl.where(ood, inv_c, eps_over_c))
 
 
 @triton.jit
@@ -90,6 +111,7 @@ def _pixel_weight(sigma, alpha, neg_sign):
 def uce_forward_kernel(
     x_ptr, t_ptr, s_ptr, sig_ptr, w_ptr, loss_ptr, max_ptr, logsum_ptr, pw_ptr, flag_ptr,
     C, N, stride_s, beta, inv_denom, alpha, neg_sign, ignore_index, one_minus_eps, eps_over_c,
+    ood_index, ood_scale, inv_c,
     HAS_SAMPLES: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
     CHECK_LABELS: tl.constexpr, CHUNKED: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
@@ -97,11 +119,12 @@ def uce_forward_kernel(
     """Per-pixel U-CE of one tile: the Monte-Carlo sigma of the stack (``HAS_SAMPLES``, all
     classes in registers) or the given sigma, the weight (1 + sigma)^alpha and the weighted,
     label-smoothed CE of the logits (in class chunks with ``CHUNKED``, never together with
-    ``HAS_SAMPLES``). Writes only the fp32
-    per-pixel loss, the logits' max and log Σ exp(x - max), and the weight; with
-    ``CHECK_LABELS`` raises the flag when a label is bad."""
+    ``HAS_SAMPLES``), at OoD pixels (only with ``SMOOTH``) the CE against the uniform
+    distribution times ood_scale. Writes only the fp32 per-pixel loss, the logits' max and
+    log Σ exp(x - max), and the weight (ood_scale at OoD pixels); with ``CHECK_LABELS`` raises
+    the flag when a label is bad."""
     b, n0, pix, base, j, nmask = _pixel_tile(C, N, BLOCK_N)
-    valid, bad, tc = _labels(t_ptr + pix, j, nmask, C, ignore_index)
+    valid, ood, bad, tc = _labels(t_ptr + pix, j, nmask, C, ignore_index, ood_index, ood_scale)
     if CHECK_LABELS:
         # One flag word for the whole launch; every writer stores the same value.
         tl.store(flag_ptr, 1, mask=tl.max(bad.to(tl.int32), axis=0) > 0)
@@ -151,12 +174,18 @@ def uce_forward_kernel(
 
     cw_t = _target_weights(w_ptr, tc, nmask, BLOCK_N, HAS_WEIGHT)
     ls = tl.log2(ssum) * LN2
-    # A term whose factor is exactly 0 (eps = 1, or eps = 0 via SMOOTH) is dropped by a select,
-    # so an infinite lse - x does not turn it into NaN.
-    per_pixel = tl.where(one_minus_eps == 0.0, 0.0, one_minus_eps * cw_t * (ls + dt))
+    # A term whose factor is exactly 0 is dropped by a select, so an infinite lse - x does not
+    # turn it into NaN: the hard one at eps = 1 and at OoD pixels, the smoothing one at the known
+    # pixels of a SMOOTH variant chosen for OoD pixels alone (eps = 0).
     if SMOOTH:
-        per_pixel += eps_over_c * (weight_sum * ls + sm)
-    loss = tl.where(valid, pw * per_pixel, 0.0)
+        pw, ome, eoc = _pixel_ce(ood, pw, one_minus_eps, eps_over_c, ood_scale, inv_c)
+        per_pixel = tl.where(ome == 0.0, 0.0, ome * cw_t * (ls + dt))
+        per_pixel += tl.where(eoc == 0.0, 0.0, eoc * (weight_sum * ls + sm))
+        counted = valid | ood
+    else:
+        per_pixel = tl.where(one_minus_eps == 0.0, 0.0, one_minus_eps * cw_t * (ls + dt))
+        counted = valid
+    loss = tl.where(counted, pw * per_pixel, 0.0)
     tl.store(loss_ptr + pix + j, loss, mask=nmask)
     tl.store(max_ptr + pix + j, mx, mask=nmask)
     tl.store(logsum_ptr + pix + j, ls, mask=nmask)
@@ -166,29 +195,37 @@ def uce_forward_kernel(
 @triton.jit
 def uce_backward_kernel(
     g_ptr, x_ptr, t_ptr, max_ptr, logsum_ptr, pw_ptr, w_ptr, out_ptr,
-    C, N, ignore_index, one_minus_eps, eps_over_c,
+    C, N, ignore_index, one_minus_eps, eps_over_c, ood_index, ood_scale, inv_c,
     HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
 ):
     """grad_input of one pixel tile, all classes, from the saved per-pixel max, log-sum and weight:
     g = grad_loss * pw, p_c = exp((x_c - max) - logsum),
     grad_c = g ((1 - eps) cw[t] (p_c - [c = t]) + (eps / C) (S p_c - cw[c])), 0 where the label
-    is ignore_index or bad."""
+    is ignore_index or bad; at OoD pixels (only with ``SMOOTH``) eps = 1 and pw = ood_scale."""
     _, _, pix, base, j, nmask = _pixel_tile(C, N, BLOCK_N)
-    valid, _, tc = _labels(t_ptr + pix, j, nmask, C, ignore_index)
-    g = tl.load(g_ptr + pix + j, mask=nmask, other=0.0) * tl.load(pw_ptr + pix + j, mask=nmask,
-                                                                   other=0.0)
+    valid, ood, _, tc = _labels(t_ptr + pix, j, nmask, C, ignore_index, ood_index, ood_scale)
+    pw = tl.load(pw_ptr + pix + j, mask=nmask, other=0.0)
+    ome = one_minus_eps
+    if SMOOTH:
+        # The saved weight is already ood_scale at an OoD pixel; selected as the forward does.
+        pw, ome, eoc = _pixel_ce(ood, pw, one_minus_eps, eps_over_c, ood_scale, inv_c)
+        counted = valid | ood
+    else:
+        counted = valid
+    g = tl.load(g_ptr + pix + j, mask=nmask, other=0.0) * pw
     # Ignored pixels: g (possibly inf, e.g. a "mean" over no pixel) is selected to 0 here and the
     # gradient once more below, so they get exactly 0 without inf * 0 in between.
-    g = tl.where(valid, g, 0.0)
+    g = tl.where(counted, g, 0.0)
     mx = tl.load(max_ptr + pix + j, mask=nmask, other=0.0)
     ls = tl.load(logsum_ptr + pix + j, mask=nmask, other=0.0)
     cw_t = _target_weights(w_ptr, tc, nmask, BLOCK_N, HAS_WEIGHT)
-    # Factors that are exactly 0 are selected, not multiplied: g may be inf.
-    k_hard = tl.where(one_minus_eps == 0.0, 0.0, g * one_minus_eps * cw_t)
-    k_smooth = g * eps_over_c
+    # Factors that are exactly 0 (eps = 1 or OoD pixels: the hard one; eps = 0 at the known
+    # pixels of a SMOOTH variant: the smoothing one) are selected, not multiplied: g may be inf.
+    k_hard = tl.where(ome == 0.0, 0.0, g * ome * cw_t)
     chunk = tl.arange(0, BLOCK_C)
     if SMOOTH:
+        k_smooth = tl.where(eoc == 0.0, 0.0, g * eoc)
         w_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             w_acc += _class_weights(w_ptr, c0 + chunk, C, HAS_WEIGHT)
@@ -209,5 +246,5 @@ def uce_backward_kernel(
         if SMOOTH:
             cw = _class_weights(w_ptr, cls, C, HAS_WEIGHT)
             grad += k_smooth[None, :] * (weight_sum * p - cw[:, None])
-        grad = tl.where(valid[None, :], grad, 0.0)
+        grad = tl.where(counted[None, :], grad, 0.0)
         tl.store(out_tile + offs, grad.to(out_ptr.dtype.element_ty), mask=m2d)

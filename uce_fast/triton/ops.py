@@ -224,11 +224,22 @@ def _negative_base_sign(alpha: float) -> float:
     return -1.0 if int(alpha) % 2 else 1.0
 
 
-def _raise_bad_label(target: Tensor, C: int, ignore_index: int) -> None:
-    bad = ((target < 0) | (target >= C)) & (target != ignore_index)
+def _ood_terms(ood_index: int, ood_scale: float, C: int, ignore_index: int) -> tuple[bool, float]:
+    """Checks the entropy-maximisation arguments as the compiled ops do; (whether OoD pixels are
+    on, 1 / C: their smoothing factor)."""
+    if not (ood_index == ignore_index or ood_index < 0 or ood_index >= C):
+        raise ValueError(
+            f"uce_fast: ood_index must be outside [0, {C}) (or equal ignore_index to turn "
+            f"entropy maximisation off), got {ood_index}")
+    if not 0.0 <= ood_scale <= 3.4e38:
+        raise ValueError(f"uce_fast: ood_scale must be a finite number >= 0, got {ood_scale}")
+    return ood_index != ignore_index and ood_scale > 0.0, 1.0 / max(C, 1)
+
+
+def _raise_bad_label(target: Tensor, C: int, ignore_index: int, ood_index: int) -> None:
+    bad = ((target < 0) | (target >= C)) & (target != ignore_index) & (target != ood_index)
     value = int(target[bad].flatten()[0])
-    raise ValueError(
-        f"target contains label {value}, outside [0, {C}) and not ignore_index ({ignore_index})")
+    raise ValueError(_opglue.bad_label_message(value, C, ignore_index, ood_index))
 
 
 # ---------------------------------------------------------------------------- sample sources
@@ -371,8 +382,8 @@ def _launch_reduce(samples: Tensor | None, state: tuple[Tensor, Tensor, Tensor] 
 
 def _forward(input: Tensor, target: Tensor, samples: Tensor | None, sigma: Tensor | None,
              weight: Tensor | None, alpha: float, ignore_index: int, label_smoothing: float,
-             correction: int, check_labels: bool, *, chunk_c: int | None = None,
-             wide: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+             correction: int, check_labels: bool, ood_index: int, ood_scale: float, *,
+             chunk_c: int | None = None, wide: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     _check_logits(input, "input", 3, "(B, C, N)")
     batch, C, pixels = input.shape
     if C < 1:
@@ -382,6 +393,7 @@ def _forward(input: Tensor, target: Tensor, samples: Tensor | None, sigma: Tenso
         raise RuntimeError("uce_fast: exactly one of samples and sigma must be given")
     _check_weight(weight, C, input.device)
     one_minus_eps, eps_over_c = _smoothing_terms(label_smoothing, C)
+    ood_on, inv_c = _ood_terms(ood_index, ood_scale, C, ignore_index)
     # For the sigma form: values of the unused arguments that add no JIT specialisation.
     beta, inv_denom = 2, 1.0
     if samples is not None:
@@ -416,19 +428,23 @@ def _forward(input: Tensor, target: Tensor, samples: Tensor | None, sigma: Tenso
             loss, norm[0], norm[1], pixel_weight, _or(flag, loss),
             C, pixels, 0 if samples is None else batch * C * pixels, beta, inv_denom,
             float(alpha), _negative_base_sign(alpha), ignore_index, one_minus_eps, eps_over_c,
-            HAS_SAMPLES=samples is not None, HAS_WEIGHT=weight is not None,
-            SMOOTH=eps_over_c != 0.0, CHECK_LABELS=check, CHUNKED=chunked, BLOCK_C=block_c,
-            BLOCK_N=block_n, WIDE=_wide(C, pixels, block_n, wide), num_warps=_NUM_WARPS,
+            ood_index, float(ood_scale), inv_c, HAS_SAMPLES=samples is not None,
+            HAS_WEIGHT=weight is not None,
+            # OoD pixels need the smoothing sum (their eps is 1): no variant of their own.
+            SMOOTH=eps_over_c != 0.0 or ood_on, CHECK_LABELS=check, CHUNKED=chunked,
+            BLOCK_C=block_c, BLOCK_N=block_n, WIDE=_wide(C, pixels, block_n, wide),
+            num_warps=_NUM_WARPS,
         )
     # The one 4-byte device-to-host read: a bad label is reported as an error, never as a loss.
     if check and int(flag.item()) != 0:
-        _raise_bad_label(target, C, ignore_index)
+        _raise_bad_label(target, C, ignore_index, ood_index)
     return loss, norm, pixel_weight
 
 
 def _backward(grad_loss: Tensor, input: Tensor, target: Tensor, norm: Tensor,
               pixel_weight: Tensor, weight: Tensor | None, ignore_index: int,
-              label_smoothing: float, *, wide: bool = False) -> Tensor:
+              label_smoothing: float, ood_index: int, ood_scale: float, *,
+              wide: bool = False) -> Tensor:
     _check_logits(input, "input", 3, "(B, C, N)")
     batch, C, pixels = input.shape
     # May arrive expanded (zero strides) from a mean/sum reduction.
@@ -440,6 +456,7 @@ def _backward(grad_loss: Tensor, input: Tensor, target: Tensor, norm: Tensor,
     _check_pixels(norm, "norm", batch, pixels, torch.float32, input.device, planes=2)
     _check_weight(weight, C, input.device)
     one_minus_eps, eps_over_c = _smoothing_terms(label_smoothing, C)
+    ood_on, inv_c = _ood_terms(ood_index, ood_scale, C, ignore_index)
     grad_input = torch.empty_like(input, memory_format=torch.contiguous_format)
     if batch * pixels == 0 or C == 0:
         return grad_input
@@ -447,9 +464,10 @@ def _backward(grad_loss: Tensor, input: Tensor, target: Tensor, norm: Tensor,
     with _device_guard(input):
         kernels.uce_backward_kernel[_grid(batch, pixels, block_n)](
             grad_loss, input, target, norm[0], norm[1], pixel_weight, _or(weight, pixel_weight),
-            grad_input, C, pixels, ignore_index, one_minus_eps, eps_over_c,
-            HAS_WEIGHT=weight is not None, SMOOTH=eps_over_c != 0.0, BLOCK_C=block_c,
-            BLOCK_N=block_n, WIDE=_wide(C, pixels, block_n, wide), num_warps=_NUM_WARPS,
+            grad_input, C, pixels, ignore_index, one_minus_eps, eps_over_c, ood_index,
+            float(ood_scale), inv_c, HAS_WEIGHT=weight is not None,
+            SMOOTH=eps_over_c != 0.0 or ood_on, BLOCK_C=block_c, BLOCK_N=block_n,
+            WIDE=_wide(C, pixels, block_n, wide), num_warps=_NUM_WARPS,
         )
     return grad_input
 
@@ -547,12 +565,13 @@ def _mc_reduce(samples: Tensor | None, mean: Tensor | None, m2: Tensor | None,
 
 _FORWARD_SCHEMA = (
     "(Tensor input, Tensor target, Tensor? samples, Tensor? sigma, Tensor? weight, float alpha, "
-    "int ignore_index, float label_smoothing, int correction, bool check_labels) -> "
-    "(Tensor, Tensor, Tensor)"
+    "int ignore_index, float label_smoothing, int correction, bool check_labels, int ood_index, "
+    "float ood_scale) -> (Tensor, Tensor, Tensor)"
 )
 _BACKWARD_SCHEMA = (
     "(Tensor grad_loss, Tensor input, Tensor target, Tensor norm, Tensor pixel_weight, "
-    "Tensor? weight, int ignore_index, float label_smoothing) -> Tensor"
+    "Tensor? weight, int ignore_index, float label_smoothing, int ood_index, float ood_scale) "
+    "-> Tensor"
 )
 _ACCUMULATE_SCHEMA = (
     "(Tensor(a!) mean, Tensor(b!) m2, Tensor(c!) entropy, Tensor samples, int count, int in_h, "
@@ -600,11 +619,11 @@ for _op in (triton_uce_backward, triton_mc_reduce):
 
 def uce_forward(input: Tensor, target: Tensor, samples: Tensor | None, sigma: Tensor | None,
                 weight: Tensor | None, alpha: float, ignore_index: int, label_smoothing: float,
-                correction: int, check_labels: bool) -> Tensor:
+                correction: int, check_labels: bool, ood_index: int, ood_scale: float) -> Tensor:
     """Per-pixel U-CE loss (B, N) float32 from the Triton op; differentiable w.r.t. ``input``."""
     return torch.ops.uce_fast.triton_uce_forward(
         input, target, samples, sigma, weight, alpha, ignore_index, label_smoothing, correction,
-        check_labels,
+        check_labels, ood_index, ood_scale,
     )[0]
 
 
