@@ -193,6 +193,26 @@ def test_training_augmentation_shapes_padding_and_determinism():
     assert img[:, lab == IGNORE_INDEX].abs().max() < 1e-6 if (lab == IGNORE_INDEX).any() else True
 
 
+def test_training_augmentation_does_not_depend_on_the_thread_count():
+    # A loader worker runs one thread, the main process several: the same sample must come out.
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (128, 256, 3), dtype=np.uint8)
+    label = rng.integers(0, 5, (128, 256), dtype=np.uint8)
+    tf = Transform(train=True, crop=96, normalize=True)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            outs.append([tf(image, label, np.random.default_rng(seed)) for seed in range(8)])
+            assert torch.get_num_threads() == n  # restored after the one-thread resize
+    finally:
+        torch.set_num_threads(threads)
+    for other in outs[1:]:
+        for (img, lab), (img2, lab2) in zip(outs[0], other, strict=True):
+            assert torch.equal(img, img2) and torch.equal(lab, lab2)
+
+
 def test_synthetic_scenes_are_deterministic_and_labelled():
     tf = Transform(train=True, crop=48)
     a = SyntheticScenes(8, tf, seed=3, size=64)

@@ -2,7 +2,9 @@
 resumable sampler.
 
 Every dataset yields ``(image, label)``: a (3, H, W) float32 image in [0, 1] (or normalised with
-ImageNet statistics) and an (H, W) int64 label map with the train ids 0..C-1 and 255 = ignore.
+ImageNet statistics) and an (H, W) int64 label map with the train ids 0..C-1 and 255 = ignore
+(street training images with OoD proxies: also ``OOD_LABEL`` = 254 on the proxies; the street
+anomaly track, split "anomaly": 1 = anomaly, 0 = known, 255 = void).
 
 Training samples are addressed by ``(index, epoch)``: the augmentation draws its random numbers
 from a generator seeded with ``(seed, epoch, index)``, so a sample is the same whichever process,
@@ -24,23 +26,35 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
+from train.anomalies import (
+    ANOMALY_KINDS,
+    OOD_LABEL,
+    PROXY_KINDS,
+    anomaly_mask,
+    proxy_overlay,
+    render_anomaly_scene,
+)
 from train.street import CITYSCAPES_PIXEL_SHARES, STREET_CLASSES, render_street_scene
 
 __all__ = [
     "ACDC_CONDITIONS",
     "ACDC_LAYOUT",
+    "ANOMALY_KINDS",
     "CITYSCAPES_CLASSES",
     "CITYSCAPES_LAYOUT",
     "IGNORE_INDEX",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "LABEL_ID_TO_TRAIN_ID",
+    "OOD_LABEL",
+    "PROXY_KINDS",
     "STREET_CLASSES",
     "SYNTHETIC_CLASSES",
     "SYNTHETIC_DATASETS",
     "DatasetError",
     "FileSegmentationDataset",
     "ResumableDistributedSampler",
+    "StreetAnomalies",
     "StreetScenes",
     "SyntheticScenes",
     "Transform",
@@ -211,6 +225,22 @@ def acdc_items(root: str | os.PathLike[str], split: str,
 # Transforms
 
 
+def _resize_bilinear(img: Tensor, size: tuple[int, int]) -> Tensor:
+    """(C, H, W) float image resized to ``size``, bilinear, on one thread.
+
+    The CPU kernel's last-bit rounding depends on how many threads split the rows; on one thread
+    the augmented image is the same in the main process and in a loader worker (one thread each).
+    """
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        return F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0]
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
 @dataclass
 class Transform:
     """The paper's training augmentation, or evaluation padding; then optional normalisation.
@@ -261,7 +291,7 @@ class Transform:
             scale = 1.0 + (self.scale_max - 1.0) * rng.random()
         h, w = lab.shape
         nh, nw = max(1, int(h * scale)), max(1, int(w * scale))
-        img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+        img = _resize_bilinear(img, (nh, nw))
         lab = F.interpolate(lab[None, None].float(), size=(nh, nw), mode="nearest")[0, 0].long()
         ph, pw = max(self.crop - nh, 0), max(self.crop - nw, 0)
         if ph or pw:
@@ -337,6 +367,11 @@ class FileSegmentationDataset(_KeyedDataset):
         return image, label
 
 
+#: Split -> split code of the synthetic scenes' generators; "anomaly" is the street scenes'
+#: anomaly track (``StreetAnomalies``).
+_SPLIT_CODES = {"train": 1, "val": 2, "test": 3, "anomaly": 4}
+
+
 class _SyntheticDataset(_KeyedDataset):
     """Procedural scenes generated on the fly: ``length`` images per split, each deterministic
     per ``(scene_seed, split, index)``; ``seed`` drives the training augmentation only.
@@ -352,7 +387,7 @@ class _SyntheticDataset(_KeyedDataset):
         self.length = length
         self.size = size
         self.split = split
-        self.split_code = {"train": 1, "val": 2, "test": 3}[split]
+        self.split_code = _SPLIT_CODES[split]
         self.scene_seed = seed if scene_seed is None else scene_seed
 
     def __len__(self) -> int:
@@ -401,6 +436,14 @@ class StreetScenes(_SyntheticDataset):
     relabels each object of a *training* image with that probability as another class, drawn
     from a generator of its own (images are unchanged); validation labels stay clean so that
     the metrics measure the scenes themselves.
+
+    ``ood_proxies`` (default 0) pastes OoD proxy objects (``train.anomalies.PROXY_KINDS``:
+    furniture, bags, umbrellas, balls, ...) into that share of the *training* images, labelled
+    ``OOD_LABEL`` (254), for entropy maximisation: whether an image gets them (1-3 cut-outs at
+    random positions and sizes, painted over everything before the brightness jitter and pixel
+    noise) is drawn from a generator stream of its own, as are the cut-outs, so the images
+    without proxies, and the rest of those with them, are exactly the scenes without the
+    option; raising the share only adds images with proxies.
     """
 
     num_classes = len(STREET_CLASSES)
@@ -409,17 +452,70 @@ class StreetScenes(_SyntheticDataset):
     pixel_shares = CITYSCAPES_PIXEL_SHARES
 
     def __init__(self, length: int, transform: Transform, seed: int = 0, split: str = "train",
-                 size: int = 128, scene_seed: int | None = None, label_noise: float = 0.0
-                 ) -> None:
+                 size: int = 128, scene_seed: int | None = None, label_noise: float = 0.0,
+                 ood_proxies: float = 0.0) -> None:
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {split!r} of StreetScenes (the anomaly track is "
+                             "StreetAnomalies)")
         super().__init__(length, transform, seed, split, size, scene_seed)
         if not 0.0 <= label_noise <= 1.0:
             raise ValueError(f"label_noise must be in [0, 1], got {label_noise}")
+        if not 0.0 <= ood_proxies <= 1.0:
+            raise ValueError(f"ood_proxies must be in [0, 1], got {ood_proxies}")
         self.label_noise = label_noise if split == "train" else 0.0
+        self.ood_proxies = ood_proxies if split == "train" else 0.0
+
+    def has_proxies(self, index: int) -> bool:
+        """Whether image ``index`` gets OoD proxies (the first draw of its proxy stream)."""
+        return self.ood_proxies > 0 and self.scene_rng(index, 0x0D0).random() < self.ood_proxies
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         noise = self.scene_rng(index, 0x401) if self.label_noise > 0 else None
+        if self.ood_proxies > 0:
+            proxies = self.scene_rng(index, 0x0D0)
+            if proxies.random() < self.ood_proxies:
+                return render_street_scene(self.scene_rng(index, 0x57E), self.size,
+                                           self.label_noise, noise,
+                                           overlay=proxy_overlay(proxies),
+                                           extra_labels=(OOD_LABEL,))
         return render_street_scene(self.scene_rng(index, 0x57E), self.size, self.label_noise,
                                    noise)
+
+
+class StreetAnomalies(_SyntheticDataset):
+    """The street scenes' anomaly track (split "anomaly", code 4; evaluation only): street
+    scenes with 1-3 objects of kinds no training image has (``ANOMALY_KINDS``: animals, lost
+    cargo, debris) on the road or sidewalk, as RoadAnomaly21 / RoadObstacle21 (see
+    :mod:`train.anomalies`). Labels are the benchmarks' masks: 1 = anomaly, 0 = known class,
+    255 = void. Deterministic per ``(scene_seed, index)``: the scene from the usual generator
+    (its own split code), the objects from a stream of their own; every image shows at least
+    ``train.anomalies.min_anomaly_pixels(size)`` anomaly pixels.
+    """
+
+    num_classes = 2
+    classes = ("known", "anomaly")
+    #: The classes the segmentation model is trained on (the scenes' known classes).
+    known_classes = STREET_CLASSES
+
+    def __init__(self, length: int, transform: Transform, seed: int = 0, size: int = 128,
+                 scene_seed: int | None = None) -> None:
+        super().__init__(length, transform, seed, "anomaly", size, scene_seed)
+        if transform.train:
+            raise ValueError("the anomaly track is for evaluation only")
+
+    def load_scene(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image, 19-class label map with ``OOD_LABEL`` on the anomaly pixels)."""
+        image, label, _ = render_anomaly_scene(self.scene_rng(index, 0x57E),
+                                               self.scene_rng(index, 0xA40), self.size)
+        return image, label
+
+    def load_base(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The same scene without its anomaly objects (image, 19-class label map)."""
+        return render_street_scene(self.scene_rng(index, 0x57E), self.size)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image, label = self.load_scene(index)
+        return image, anomaly_mask(label)
 
 
 def _texture(cls: int, yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -528,15 +624,29 @@ SYNTHETIC_DATASETS = ("street", "shapes", "synthetic")
 def build_dataset(name: str, split: str, transform: Transform, *, root: str | None = None,
                   seed: int = 0, scene_seed: int | None = None,
                   conditions: Sequence[str] = ACDC_CONDITIONS, synthetic_length: int = 1024,
-                  synthetic_size: int = 128, label_noise: float = 0.0) -> _KeyedDataset:
+                  synthetic_size: int = 128, label_noise: float = 0.0,
+                  ood_proxies: float = 0.0) -> _KeyedDataset:
     """``name`` in {"street", "shapes" (alias "synthetic"), "cityscapes", "acdc"}; ``split`` in
-    {"train", "val"}. ``scene_seed`` and ``label_noise`` apply to the synthetic datasets
-    (``label_noise`` to ``street`` only)."""
+    {"train", "val"}, and "anomaly" for ``street`` (the anomaly track, ``StreetAnomalies``:
+    0/1/255 masks). ``scene_seed`` applies to the synthetic datasets, ``label_noise`` and
+    ``ood_proxies`` (share of training images with OoD proxies, labelled ``OOD_LABEL``) to
+    ``street`` only."""
     if name == "street":
+        if split == "anomaly":
+            if label_noise or ood_proxies:
+                raise ValueError("label_noise and ood_proxies are options of the training "
+                                 "scenes, not of the anomaly track")
+            return StreetAnomalies(synthetic_length, transform, seed=seed,
+                                   size=synthetic_size, scene_seed=scene_seed)
         return StreetScenes(synthetic_length, transform, seed=seed, split=split,
-                            size=synthetic_size, scene_seed=scene_seed, label_noise=label_noise)
+                            size=synthetic_size, scene_seed=scene_seed, label_noise=label_noise,
+                            ood_proxies=ood_proxies)
     if label_noise:
         raise ValueError(f"label_noise is an option of the street scenes, not of {name!r}")
+    if ood_proxies:
+        raise ValueError(f"ood_proxies is an option of the street scenes, not of {name!r}")
+    if split == "anomaly":
+        raise ValueError(f"the anomaly track is a split of the street scenes, not of {name!r}")
     if name in ("shapes", "synthetic"):
         return SyntheticScenes(synthetic_length, transform, seed=seed, split=split,
                                size=synthetic_size, scene_seed=scene_seed)

@@ -32,8 +32,12 @@ evaluation classes (train-id order) and 255 = ignore, from a pinhole camera abov
 * **Label noise** only on request: ``label_noise=p`` relabels each object (one instance, all its
   pixels) with probability p as a uniformly drawn other class, from a generator of its own, so
   the image is the same with or without noise.
+* **Hooks** for objects outside the scene model (``objects``, ``overlay`` and ``extra_labels``
+  of ``render_street_scene``; :mod:`train.anomalies` draws the anomaly track's unknown objects
+  and the OoD proxies with them); without them the scenes are exactly as before.
 
-Deterministic per generator state; at ``size=128`` (128 × 256) a scene takes ~14 ms on one CPU core.
+Deterministic per generator state; at ``size=128`` (128 × 256) a scene takes ~29 ms on one core of
+a 2-core AVX-512 Xeon.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import numpy as np
 __all__ = [
     "CITYSCAPES_PIXEL_SHARES",
     "CITYSCAPES_VOID_SHARE",
+    "EXTRA_CHANNEL",
     "STREET_CLASSES",
     "render_street_scene",
     "target_class_shares",
@@ -81,6 +86,8 @@ def target_class_shares() -> np.ndarray:
  RIDER, CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE) = range(19)
 _NUM = len(STREET_CLASSES)
 _VOID = _NUM  # coverage channel of the ignore label
+#: The first coverage channel of the extra labels of ``render_street_scene``.
+EXTRA_CHANNEL = _VOID + 1
 
 
 def _rgb(*c: float) -> np.ndarray:
@@ -110,7 +117,7 @@ def _overlap(lo: np.ndarray, hi: np.ndarray, a: float, b: float) -> np.ndarray:
 def _band(s: np.ndarray, width: float) -> np.ndarray:
     """Coverage of a band of ``width`` centred at signed distance 0, for pixels at distance s."""
     half = width / 2
-    return np.clip(np.minimum(s + 0.5, half) - np.maximum(s - 0.5, -half), 0.0, 1.0)
+    return (np.minimum(s + 0.5, half) - np.maximum(s - 0.5, -half)).clip(0.0, 1.0)
 
 
 def _stripes(u: np.ndarray, du: np.ndarray | float, duty: float) -> np.ndarray:
@@ -122,26 +129,47 @@ def _stripes(u: np.ndarray, du: np.ndarray | float, duty: float) -> np.ndarray:
         f = np.floor(t)
         return f * duty + np.minimum(t - f, duty)
 
-    return np.clip((integral(u + du / 2) - integral(u - du / 2)) / du, 0.0, 1.0)
+    return ((integral(u + du / 2) - integral(u - du / 2)) / du).clip(0.0, 1.0)
 
 
 class _Canvas:
     """Image and per-label visible coverage; shapes are painted far to near."""
 
     def __init__(self, h: int, w: int, rng: np.random.Generator, label_noise: float,
-                 noise_rng: np.random.Generator | None) -> None:
+                 noise_rng: np.random.Generator | None, extra_labels: tuple[int, ...] = ()
+                 ) -> None:
         self.h, self.w = h, w
         self.rng = rng
         self.ys = np.arange(h, dtype=np.float32) + 0.5  # pixel centres
         self.xs = np.arange(w, dtype=np.float32) + 0.5
-        self.image = np.zeros((h, w, 3), dtype=np.float32)
-        self.cover = np.zeros((h, w, _NUM + 1), dtype=np.float32)  # channel-last: local
+        # pixel edges (rect's exact coverage)
+        self._left, self._right = (self.xs - 0.5)[None, :], (self.xs + 0.5)[None, :]
+        self._top, self._bottom = (self.ys - 0.5)[:, None], (self.ys + 0.5)[:, None]
+        # Channel-first storage, so that per-pixel blends run along image rows rather than over
+        # 3 colour or ~20 coverage channels at a time; ``image`` (h, w, 3) and ``cover``
+        # (h, w, channels) are views of it in the usual layout.
+        self.planes = np.zeros((3, h, w), dtype=np.float32)
+        self.image = self.planes.transpose(1, 2, 0)
+        # coverage channels: the 19 classes, void (_VOID), then one per extra label (objects
+        # drawn by render_street_scene's hooks), channel _VOID + 1 + k for extra_labels[k]
+        self.extra_labels = tuple(extra_labels)
+        self._layers = np.zeros((_NUM + 1 + len(self.extra_labels), h, w), dtype=np.float32)
+        # per channel, rows and columns (r0, r1, c0, c1) outside which its coverage is 0, or
+        # None while it is 0 everywhere
+        self._extent: list[tuple[int, int, int, int] | None] = [None] * len(self._layers)
         self.fine = rng.standard_normal((h, w), dtype=np.float32)
         coarse = rng.standard_normal((h // 8 + 2, w // 8 + 2), dtype=np.float32)
         self.smooth = _upsample(coarse, h, w)
         self.label_noise = label_noise
         self.noise_rng = noise_rng
         self._group: tuple | None = None
+
+    @property
+    def cover(self) -> np.ndarray:
+        """(h, w, channels) view of the visible coverage. Whoever takes it may write to any
+        channel, so paints scale every channel everywhere from then on."""
+        self._extent = [(0, self.h, 0, self.w)] * len(self._layers)
+        return self._layers.transpose(1, 2, 0)
 
     def instance(self, label: int) -> int:
         """The label of one object: ``label``, or with probability ``label_noise`` another."""
@@ -170,8 +198,8 @@ class _Canvas:
             return False
         rows, cols = b[0], b[1]
         shape = (rows.stop - rows.start, cols.stop - cols.start)
-        self._group = (label, rows, cols, np.zeros(shape, np.float32),
-                       np.zeros(shape, np.float32), np.zeros((*shape, 3), np.float32))
+        layer = np.zeros((5, *shape), np.float32)  # coverage, alpha, premultiplied colour
+        self._group = (label, rows, cols, layer[0], layer[1], layer[2:])
         return True
 
     def end(self) -> None:
@@ -180,9 +208,9 @@ class _Canvas:
         if group is None:
             return
         label, rows, cols, cover, alpha, premultiplied = group
-        colour = premultiplied / np.maximum(alpha, 1e-6)[..., None]
+        colour = premultiplied / np.maximum(alpha, 1e-6)
         opacity = alpha / np.maximum(cover, 1e-6)
-        self.paint(label, cover, rows, cols, colour, opacity)
+        self.paint(label, cover, rows, cols, colour.transpose(1, 2, 0), opacity)
 
     def paint(self, label: int, cover: np.ndarray, rows: slice, cols: slice,
               colour: np.ndarray, opacity: np.ndarray | float | None = None) -> None:
@@ -191,31 +219,63 @@ class _Canvas:
         if not cover.any():
             return
         alpha = cover if opacity is None else cover * opacity
+        # colour as (3, rows, cols) planes: a view, the same values
+        colour = np.asarray(colour)
+        colour = colour[:, None, None] if colour.ndim == 1 else colour.transpose(2, 0, 1)
         if self._group is not None:
-            glabel, grows, gcols, gcover, galpha, gpre = self._group
-            assert label == glabel, "one label per object"
-            r0, r1 = max(rows.start, grows.start), min(rows.stop, grows.stop)
-            c0, c1 = max(cols.start, gcols.start), min(cols.stop, gcols.stop)
-            if r1 <= r0 or c1 <= c0:
-                return
-            src = (slice(r0 - rows.start, r1 - rows.start), slice(c0 - cols.start, c1 - cols.start))
-            dst = (slice(r0 - grows.start, r1 - grows.start),
-                   slice(c0 - gcols.start, c1 - gcols.start))
-            cov = np.broadcast_to(cover, (rows.stop - rows.start, cols.stop - cols.start))[src]
-            a = np.broadcast_to(alpha, cov.shape if np.ndim(alpha) == 0 else
-                                (rows.stop - rows.start, cols.stop - cols.start))[src]
-            col = np.broadcast_to(colour, (rows.stop - rows.start, cols.stop - cols.start, 3)
-                                  )[src]
-            gcover[dst] += cov * (1.0 - gcover[dst])
-            galpha[dst] += a * (1.0 - galpha[dst])
-            pre = gpre[dst]
-            pre += a[..., None] * (col - pre)
+            self._composite(label, cover, alpha, rows, cols, colour)
             return
-        region = self.image[rows, cols]
-        region += alpha[..., None] * (colour - region)
-        cov = self.cover[rows, cols]
-        cov *= (1.0 - cover)[..., None]
-        cov[..., label] += cover
+        region = self.planes[:, rows, cols]
+        region += alpha * (colour - region)
+        r0, r1, c0, c1 = rows.start, rows.stop, cols.start, cols.stop
+        keep = 1.0 - cover
+        if keep.shape != (r1 - r0, c1 - c0):
+            keep = np.broadcast_to(keep, (r1 - r0, c1 - c0))
+        layers, extent = self._layers, self._extent
+        # A channel's coverage outside its extent is 0 and stays 0 (0 · keep = 0): in boxes
+        # large enough for it to pay, only the part inside each extent is scaled.
+        if (r1 - r0) * (c1 - c0) < 256:
+            region = layers[:, rows, cols]
+            region *= keep
+        else:
+            for k, e in enumerate(extent):
+                if e is not None and e[0] < r1 and r0 < e[1] and e[2] < c1 and c0 < e[3]:
+                    a0, a1 = (r0 if r0 > e[0] else e[0]), (r1 if r1 < e[1] else e[1])
+                    b0, b1 = (c0 if c0 > e[2] else e[2]), (c1 if c1 < e[3] else e[3])
+                    layer = layers[k, a0:a1, b0:b1]
+                    layer *= keep[a0 - r0:a1 - r0, b0 - c0:b1 - c0]
+        layers[label, rows, cols] += cover
+        e = extent[label]
+        extent[label] = (r0, r1, c0, c1) if e is None else (
+            min(r0, e[0]), max(r1, e[1]), min(c0, e[2]), max(c1, e[3]))
+
+    def _composite(self, label: int, cover: np.ndarray, alpha: np.ndarray, rows: slice,
+                   cols: slice, colour: np.ndarray) -> None:
+        """``paint`` inside ``begin`` / ``end``: over the group's layer, clipped to its box."""
+        glabel, grows, gcols, gcover, galpha, gpre = self._group
+        assert label == glabel, "one label per object"
+        r0, r1 = max(rows.start, grows.start), min(rows.stop, grows.stop)
+        c0, c1 = max(cols.start, gcols.start), min(cols.stop, gcols.stop)
+        if r1 <= r0 or c1 <= c0:
+            return
+        shape = (rows.stop - rows.start, cols.stop - cols.start)
+        sr, sc = slice(r0 - rows.start, r1 - rows.start), slice(c0 - cols.start, c1 - cols.start)
+        dr, dc = slice(r0 - grows.start, r1 - grows.start), slice(c0 - gcols.start,
+                                                                   c1 - gcols.start)
+        # the part's arrays cut to the group's box; only those not of the part's shape are
+        # broadcast first (a scalar opacity and a single colour need no cut at all)
+        cov = (cover if cover.shape == shape else np.broadcast_to(cover, shape))[sr, sc]
+        if alpha.ndim:
+            alpha = (alpha if alpha.shape == shape else np.broadcast_to(alpha, shape))[sr, sc]
+        if colour.shape[1:] != (1, 1):
+            colour = (colour if colour.shape[1:] == shape else
+                      np.broadcast_to(colour, (3, *shape)))[:, sr, sc]
+        gc = gcover[dr, dc]
+        gc += cov * (1.0 - gc)
+        ga = galpha[dr, dc]
+        ga += alpha * (1.0 - ga)
+        pre = gpre[:, dr, dc]
+        pre += alpha * (colour - pre)
 
     def rect(self, label: int, x0: float, x1: float, y0: float, y1: float, colour,
              opacity: float | None = None, shade=None) -> None:
@@ -224,7 +284,8 @@ class _Canvas:
         if b is None:
             return
         rows, cols, xc, yc = b
-        cover = _overlap(xc - 0.5, xc + 0.5, x0, x1) * _overlap(yc - 0.5, yc + 0.5, y0, y1)
+        cover = (_overlap(self._left[:, cols], self._right[:, cols], x0, x1)
+                 * _overlap(self._top[rows], self._bottom[rows], y0, y1))
         self.paint(label, cover, rows, cols, _colour(colour, shade, xc, yc), opacity)
 
     def polygon(self, label: int, pts: list[tuple[float, float]], colour, shade=None,
@@ -240,16 +301,17 @@ class _Canvas:
         if abs(area) < 1e-9:
             return
         sign = 1.0 if area > 0 else -1.0
-        dist = None
+        edges = []  # (px, py, nx, ny): a point and the inward unit normal of each edge
         for (px, py), (qx, qy) in zip(pts, pts[1:] + pts[:1], strict=True):
             ex, ey = qx - px, qy - py
             norm = math.hypot(ex, ey)
-            if norm < 1e-9:
-                continue
-            nx, ny = -ey * sign / norm, ex * sign / norm
-            d = (xc - np.float32(px)) * np.float32(nx) + (yc - np.float32(py)) * np.float32(ny)
-            dist = d if dist is None else np.minimum(dist, d)
-        cover = np.clip(dist + 0.5, 0.0, 1.0)
+            if norm >= 1e-9:
+                edges.append((px, py, -ey * sign / norm, ex * sign / norm))
+        px, py, nx, ny = np.array(edges, dtype=np.float32).T[..., None, None]
+        # the signed distances to all edges, (edges, rows, cols), and their minimum in edge
+        # order
+        dist = ((xc - px) * nx + (yc - py) * ny).min(axis=0)
+        cover = (dist + 0.5).clip(0.0, 1.0)
         op = opacity(xc, yc) if callable(opacity) else opacity
         self.paint(label, cover, rows, cols, _colour(colour, shade, xc, yc), op)
 
@@ -268,7 +330,7 @@ class _Canvas:
         if wobble is not None:
             amp, freq, phase = wobble
             edge = 1.0 + amp * np.sin(freq * np.arctan2(v, u) + phase)
-        cover = np.clip((edge - r) * np.float32(min(rx, ry)) + 0.5, 0.0, 1.0)
+        cover = ((edge - r) * np.float32(min(rx, ry)) + 0.5).clip(0.0, 1.0)
         op = opacity(xc, yc) if callable(opacity) else opacity
         self.paint(label, cover, rows, cols, _colour(colour, shade, xc, yc), op)
 
@@ -282,7 +344,7 @@ class _Canvas:
         rows, cols, xc, yc = b
         ex, ey = x1 - x0, y1 - y0
         length2 = ex * ex + ey * ey
-        t = np.clip(((xc - x0) * ex + (yc - y0) * ey) / max(length2, 1e-9), 0.0, 1.0)
+        t = (((xc - x0) * ex + (yc - y0) * ey) / max(length2, 1e-9)).clip(0.0, 1.0)
         d = np.sqrt((xc - (x0 + t * ex)) ** 2 + (yc - (y0 + t * ey)) ** 2)
         self.paint(label, _band(d, max(width, 1e-3)), rows, cols, _colour(colour, None, xc, yc))
 
@@ -295,7 +357,7 @@ class _Canvas:
             return
         rows, cols, xc, yc = b
         r = np.sqrt((xc - np.float32(cx)) ** 2 + (yc - np.float32(cy)) ** 2)
-        disc = np.clip(radius + 0.5 - r, 0.0, 1.0)
+        disc = (radius + 0.5 - r).clip(0.0, 1.0)
         tyre = _band(r - (radius - width / 2), max(width, 1e-3))
         opacity = np.maximum(tyre / np.maximum(disc, 1e-6), inner_opacity).clip(0, 1)
         colour = _colour(colour, None, xc, yc)
@@ -305,7 +367,14 @@ class _Canvas:
                          hub_colour)
 
     def labels(self) -> np.ndarray:
-        label = self.cover.argmax(axis=2).astype(np.uint8)
+        """(h, w) uint8: the channel of largest visible coverage; void as ``IGNORE``, extra
+        channel k as ``extra_labels[k]``."""
+        label = _argmax(self._layers)
+        if self.extra_labels:
+            table = np.arange(256, dtype=np.uint8)
+            table[_VOID] = IGNORE
+            table[_VOID + 1:_VOID + 1 + len(self.extra_labels)] = self.extra_labels
+            return table[label]
         label[label == _VOID] = IGNORE
         return label
 
@@ -317,7 +386,27 @@ def _colour(colour, shade, xc: np.ndarray, yc: np.ndarray) -> np.ndarray:
     if shade is None:
         return colour
     value = shade(xc, yc)
-    return value if value.ndim == 3 else colour * value[..., None]
+    if value.ndim == 3:
+        return value
+    # (3, h, w) planes, as paint blends them, seen as (h, w, 3)
+    return (colour[:, None, None] * value).transpose(1, 2, 0)
+
+
+def _argmax(layers: np.ndarray) -> np.ndarray:
+    """``layers.argmax(axis=0)`` as uint8 (the first channel of largest value), computed plane by
+    plane: the maximum, then the lowest channel that attains it."""
+    top = layers.max(axis=0)
+    if np.isnan(top).any():  # argmax takes the first NaN as the maximum
+        return layers.argmax(axis=0).astype(np.uint8)
+    label = np.full(top.shape, len(layers) - 1, dtype=np.uint8)
+    hit = np.empty(top.shape, dtype=bool)
+    step = np.empty(top.shape, dtype=np.uint8)
+    for k in range(len(layers) - 2, -1, -1):  # label = k where layer k attains the maximum
+        np.equal(layers[k], top, out=hit)
+        np.subtract(label, k, out=step)
+        step *= hit
+        label -= step
+    return label
 
 
 def _upsample(a: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -325,10 +414,12 @@ def _upsample(a: np.ndarray, h: int, w: int) -> np.ndarray:
     gy = np.linspace(0, a.shape[0] - 1.001, h, dtype=np.float32)
     gx = np.linspace(0, a.shape[1] - 1.001, w, dtype=np.float32)
     y0, x0 = gy.astype(np.int64), gx.astype(np.int64)
-    fy, fx = (gy - y0)[:, None], (gx - x0)[None, :]
-    top = a[y0][:, x0] * (1 - fx) + a[y0][:, x0 + 1] * fx
-    bottom = a[y0 + 1][:, x0] * (1 - fx) + a[y0 + 1][:, x0 + 1] * fx
-    return (top * (1 - fy) + bottom * fy).astype(np.float32)
+    fy, fx = (gy - y0)[:, None], gx - x0
+    # along x on the coarse rows first, then pick the rows: the same terms per pixel
+    across = a[:, x0] * (1 - fx) + a[:, x0 + 1] * fx
+    out = across[y0] * (1 - fy)
+    out += across[y0 + 1] * fy
+    return out.astype(np.float32)
 
 
 class _Camera:
@@ -365,25 +456,46 @@ _Z_FAR = 2000.0
 
 
 def render_street_scene(rng: np.random.Generator, size: int, label_noise: float = 0.0,
-                        noise_rng: np.random.Generator | None = None
+                        noise_rng: np.random.Generator | None = None, *,
+                        objects=None, overlay=None, extra_labels: tuple[int, ...] = ()
                         ) -> tuple[np.ndarray, np.ndarray]:
     """One street scene: (size, 2·size, 3) uint8 image and (size, 2·size) uint8 label map.
 
     ``label_noise`` > 0 relabels whole objects at random (``noise_rng`` draws which; the image
     does not depend on it).
+
+    Hooks for objects that are not part of the scene model (see :mod:`train.anomalies`), both
+    called as ``hook(street, canvas)`` with the ``_Street`` (camera ``street.cam``, road edges
+    ``street.road``, kerbs, facades, ``street.add``) and the ``_Canvas``; they must draw their
+    random numbers from generators of their own, so that the scene itself does not change:
+
+    * ``objects`` runs after the scene's things are placed and before they are painted: it
+      registers ``street.add(depth, draw)`` items, painted far to near with the scene's own
+      (so they occlude and are occluded by depth), before the ego vehicle and borders;
+    * ``overlay`` paints on top of everything, ego vehicle and borders included, before the
+      global brightness jitter and pixel noise.
+
+    ``extra_labels``: label values of extra coverage channels ``EXTRA_CHANNEL + k`` (``k`` in
+    ``range(len(extra_labels))``) that the hooks paint with; a pixel whose largest coverage is
+    in channel ``EXTRA_CHANNEL + k`` is labelled ``extra_labels[k]``. Without hooks and extra
+    labels the scene is exactly the one rendered without these arguments.
     """
     if label_noise > 0 and noise_rng is None:
         raise ValueError("label_noise needs noise_rng")
     h, w = size, 2 * size
-    cv = _Canvas(h, w, rng, label_noise, noise_rng)
+    cv = _Canvas(h, w, rng, label_noise, noise_rng, extra_labels)
     cam = _Camera(yh=h * rng.uniform(0.33, 0.43), xv=w * rng.uniform(0.42, 0.58),
                   f=w * rng.uniform(1.0, 1.25), hc=rng.uniform(1.25, 1.6))
     scene = _Street(cv, cam, rng)
-    scene.draw()
-    image = cv.image * rng.uniform(0.8, 1.15) * rng.uniform(0.94, 1.06, 3).astype(np.float32)
-    image += 0.02 * rng.standard_normal(image.shape, dtype=np.float32)
-    image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return image, cv.labels()
+    scene.draw(objects, overlay)
+    # brightness, colour balance, pixel noise and quantisation, on the colour planes
+    planes = cv.planes * rng.uniform(0.8, 1.15)
+    planes *= rng.uniform(0.94, 1.06, 3).astype(np.float32)[:, None, None]
+    planes += 0.02 * rng.standard_normal((h, w, 3), dtype=np.float32).transpose(2, 0, 1)
+    np.clip(planes, 0.0, 1.0, out=planes)
+    planes *= 255.0
+    planes += 0.5
+    return planes.transpose(1, 2, 0).astype(np.uint8, order="C"), cv.labels()
 
 
 class _Street:
@@ -411,7 +523,8 @@ class _Street:
         self.items.append((z, fn))
 
     # ------------------------------------------------------------------------------ scene
-    def draw(self) -> None:
+    def draw(self, objects=None, overlay=None) -> None:
+        """The whole scene; ``objects`` and ``overlay``: see ``render_street_scene``."""
         self.draw_sky()
         self.draw_ground()
         for side in range(2):
@@ -419,20 +532,24 @@ class _Street:
         if self.rng.random() < 0.65:
             self.draw_end_building()
         self.place_things()
+        if objects is not None:
+            objects(self, self.cv)
         for _, fn in sorted(self.items, key=lambda item: -item[0]):
             fn()
         self.draw_ego_and_border()
+        if overlay is not None:
+            overlay(self, self.cv)
 
     def draw_sky(self) -> None:
         cv, rng = self.cv, self.rng
         clear, overcast = rng.random(), rng.uniform(0.0, 1.0)
         top = (1 - overcast) * _rgb(.35, .55, .88) + overcast * _rgb(.70, .73, .78)
         low = (1 - overcast) * _rgb(.75, .85, .96) + overcast * _rgb(.88, .90, .92)
-        t = np.clip(cv.ys / max(self.cam.yh, 1.0), 0, 1)[:, None, None]
-        sky = top * (1 - t) + low * t
-        sky = sky * (1 + 0.04 * clear * cv.smooth[..., None])
-        cv.image[:] = np.broadcast_to(sky, cv.image.shape)
-        cv.cover[..., SKY] = 1.0
+        t = np.clip(cv.ys / max(self.cam.yh, 1.0), 0, 1)[:, None]
+        sky = top[:, None, None] * (1 - t) + low[:, None, None] * t
+        sky = sky * (1 + 0.04 * clear * cv.smooth)
+        cv.paint(SKY, np.ones((cv.h, cv.w), np.float32), slice(0, cv.h), slice(0, cv.w),
+                 sky.transpose(1, 2, 0))
 
     def ground_uv(self, xc: np.ndarray, yc: np.ndarray) -> tuple[np.ndarray, np.ndarray,
                                                                 np.ndarray]:
