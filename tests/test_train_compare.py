@@ -123,3 +123,43 @@ def test_driver_options_are_checked():
         main(["--runs", "ce,focal", "--dry-run"])
     with pytest.raises(SystemExit):
         main(["--out-dir", "x", "--dry-run"])
+
+
+def _with_anomaly(final: dict, ap: float, fpr: float) -> dict:
+    metrics = dict(AP=ap, FPR95=fpr, AUROC=0.9, sIoU_gt=0.3, PPV=0.4, F1_mean=0.2,
+                   threshold=0.5)
+    return dict(final, anomaly={"msp": dict(metrics),
+                                "mc_sigma": dict(metrics, AP=ap / 2)})
+
+
+def test_anomaly_metrics_are_aggregated_and_reported_per_score():
+    ce = {s: _with_anomaly(_final(0.5, s), ap, 0.6) for s, ap in zip((0, 1, 2), (0.2, 0.3, 0.4),
+                                                                     strict=True)}
+    em = {s: _with_anomaly(_final(0.5, s), ap, fpr) for s, ap, fpr in
+          zip((0, 1, 2), (0.5, 0.4, 0.6), (0.5, 0.7, 0.4), strict=True)}
+    summary = aggregate({"ce": ce, "ce-em": em})
+    assert summary["anomaly_scores"] == ["msp", "mc_sigma"]  # the report's order
+    assert summary["runs"]["ce"]["anomaly/msp/AP"]["mean"] == pytest.approx(0.3)
+    assert summary["runs"]["ce-em"]["anomaly/mc_sigma/AP"]["mean"] == pytest.approx(0.25)
+    diff = summary["paired"]["ce-em"]["anomaly/msp/AP"]
+    d = [0.3, 0.1, 0.2]
+    assert diff["mean"] == pytest.approx(0.2) and diff["ahead"] == 3
+    assert diff["ci95"] == pytest.approx(4.303 * statistics.stdev(d) / math.sqrt(3))
+    # FPR95: lower is better
+    assert summary["paired"]["ce-em"]["anomaly/msp/FPR95"]["ahead"] == 2
+    text = render_markdown(summary, {"ce": "CE", "ce-em": "CE + EM"})
+    assert "| CE + EM | 1−MSP | 0.500 ± 0.100 | 0.533 ± 0.153 |" in text
+    assert "| CE + EM | MC σ | 0.250 ± 0.050 |" in text
+    assert "| CE + EM | 1−MSP | +0.200 ± 0.100 (3/3) | -0.067 ± 0.153 (2/3) |" in text
+    lo, hi = 0.2 - 4.303 * 0.1 / math.sqrt(3), 0.2 + 4.303 * 0.1 / math.sqrt(3)
+    assert f"[{lo:+.3f}, {hi:+.3f}] |" in text
+    # runs without the anomaly track: no anomaly tables
+    assert "Anomaly track" not in render_markdown(aggregate(_results()))
+
+
+def test_entropy_maximisation_runs_use_the_fixed_proxies():
+    assert RUNS["ce-em"][1] == ["--loss", "ce", "--ood-proxies", "0.1"]
+    assert RUNS["uce-warmup-em"][1] == ["--loss", "uce", "--alpha-warmup", WARMUP,
+                                        "--ood-proxies", "0.1"]
+    with pytest.raises(SystemExit):
+        main(["--ood-proxies", "0.3", "--dry-run"])  # set by the runs

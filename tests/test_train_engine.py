@@ -15,9 +15,14 @@ if str(ROOT) not in sys.path:
 
 import uce_fast  # noqa: E402
 from train.engine import (  # noqa: E402
+    ANOMALY_SCORES,
     SampleLevers,
+    anomaly_score_ranges,
+    anomaly_scores,
+    compute_loss,
     draw_mc_samples,
     evaluate,
+    evaluate_anomalies,
     init_batchnorm_statistics,
     mc_dropout_mode,
     parity_check,
@@ -264,3 +269,99 @@ def test_levers_that_change_the_distribution_are_refused():
                         levers=SampleLevers(train_pass_sample=True))
     with pytest.raises(ValueError, match="samples-per-forward > 1 with --sample-bn update"):
         draw_mc_samples(model, x, 3, bn="update", levers=SampleLevers(per_forward=2))
+
+
+@pytest.mark.parametrize("backend", uce_fast.available_backends())
+def test_parity_check_with_entropy_maximisation(backend):
+    logits, samples, target = _uce_case()
+    target = target.clone()
+    target[:, ::3, ::2] = 254
+    options = dict(alpha=10.0, ignore_index=255, ood_index=254, ood_weight=0.9)
+    loss = uce_fast.uce_loss(logits, target, samples, backend=backend, **options)
+    loss.backward()
+    result = parity_check(loss, logits, logits.grad, target, samples, **options)
+    assert result.ok and result.grad_rel < 1e-5, result.describe()
+    # Without the term the same gradient is far off.
+    without = parity_check(loss, logits, logits.grad, target, samples, alpha=10.0,
+                           ignore_index=255)
+    assert not without.ok
+
+
+def test_compute_loss_with_and_without_entropy_maximisation():
+    logits, samples, target = _uce_case()
+    target = target.clone()
+    target[:, ::4] = 254
+    plain = target.masked_fill(target == 254, 255)
+    ce = compute_loss("ce", None, logits, plain, None, 255)
+    torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(logits, plain,
+                                                                     ignore_index=255))
+    em = compute_loss("ce", None, logits, target, None, 255, ood_index=254, ood_weight=0.5)
+    torch.testing.assert_close(em, uce_fast.uce_loss(logits, target, alpha=0.0, ignore_index=255,
+                                                     ood_index=254, ood_weight=0.5))
+    assert not torch.allclose(em, ce)
+    criterion = uce_fast.UCELoss(alpha=10.0, ignore_index=255, ood_index=254, ood_weight=0.5)
+    uce = compute_loss("uce", criterion, logits, target, samples, 255, alpha=4.0,
+                       ood_index=254, ood_weight=0.5)
+    torch.testing.assert_close(uce, uce_fast.uce_loss(logits, target, samples, alpha=4.0,
+                                                      ignore_index=255, ood_index=254,
+                                                      ood_weight=0.5))
+    # The first step of an α warm-up (α = 0, no samples drawn): CE with the OoD term.
+    first = compute_loss("uce", criterion, logits, target, None, 255, alpha=0.0, ood_index=254,
+                         ood_weight=0.5)
+    torch.testing.assert_close(first, em)
+    with pytest.raises(ValueError, match="needs the MC samples"):
+        compute_loss("uce", criterion, logits, target, None, 255, alpha=1.0, ood_index=254)
+
+
+def test_anomaly_scores_are_the_definitions():
+    model = _model()
+    model.train()
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(3)
+    scores = anomaly_scores(model, x, mc_samples=4)
+    assert set(scores) == set(ANOMALY_SCORES) and model.training
+    model.eval()
+    with torch.no_grad():
+        probs = torch.softmax(model(x), dim=1)
+    model.train()
+    torch.testing.assert_close(scores["msp"], 1 - probs.max(dim=1).values)
+    torch.testing.assert_close(scores["entropy"], -(probs * probs.log()).sum(dim=1))
+    torch.manual_seed(3)
+    _, stack = draw_mc_samples(model, x, 4, keep_stack=True,
+                               levers=SampleLevers(shared_prefix=True))
+    mean = torch.softmax(stack, dim=2).mean(dim=0)
+    torch.testing.assert_close(scores["mc_msp"], 1 - mean.max(dim=1).values)
+    torch.testing.assert_close(scores["mc_entropy"], -(mean * mean.log()).sum(dim=1))
+    torch.testing.assert_close(scores["mc_sigma"], uce_fast.predictive_uncertainty(stack))
+    assert set(anomaly_scores(model, x)) == {"msp", "entropy"}
+    ranges = anomaly_score_ranges(5, mc=True)
+    for name, value in scores.items():
+        lo, hi = ranges[name]
+        assert lo <= float(value.min()) and float(value.max()) <= hi, name
+
+
+def test_evaluate_anomalies_is_reproducible_and_keeps_panels():
+    model = _model()
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(3):
+        gt = torch.zeros(2, 32, 32, dtype=torch.long)
+        gt[:, 8:16, 8:20] = 1
+        gt[:, :2] = 255
+        data.append((torch.randn(2, 3, 32, 32, generator=g), gt))
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a, panels = evaluate_anomalies(model, data, 5, device=torch.device("cpu"), mc_samples=3,
+                                   seed=7, keep=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    b, _ = evaluate_anomalies(model, data, 5, device=torch.device("cpu"), mc_samples=3, seed=7)
+    assert a == b and set(a) == set(ANOMALY_SCORES)
+    for metrics in a.values():
+        assert 0 <= metrics["AP"] <= 1 and 0 <= metrics["AUROC"] <= 1
+        assert metrics["pixels_anomaly"] == 6 * 8 * 12
+        assert metrics["pixels_known"] == 6 * (30 * 32 - 8 * 12)
+    assert len(panels) == 3 and set(panels[0][2]) == set(ANOMALY_SCORES)
+    assert torch.equal(panels[2][1], data[1][1][0])
+    one_pass, _ = evaluate_anomalies(model, data, 5, device=torch.device("cpu"))
+    assert set(one_pass) == {"msp", "entropy"} and one_pass["msp"] == a["msp"]

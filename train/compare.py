@@ -1,5 +1,6 @@
 """CE vs U-CE over several seeds: runs ``train/main.py`` per (run, seed) and reports
-mean ± std of every metric, the paired differences to CE and the IoU of the rare classes.
+mean ± std of every metric, the paired differences to CE, the IoU of the rare classes and,
+with ``--anomaly-val-size N``, the anomaly-segmentation metrics of every score.
 
     python -m train.compare --seeds 0,1,2 [--runs ce,uce,uce-warmup] [--out runs/compare]
                             [--nproc N] [any train/main.py option, e.g. --iterations 300]
@@ -21,6 +22,11 @@ The runs:
   temporal ensembling, Laine & Aila 2017): long enough for a network trained from scratch to
   learn the frequent classes before the weights reach full strength, short enough that three
   quarters of the run use the full α.
+* ``ce-em`` and ``uce-warmup-em``: ``ce`` and ``uce-warmup`` with entropy maximisation (Chan,
+  Rottmann & Gottschalk, ICCV 2021) on OoD proxy objects pasted into 10% of the training images
+  (``--ood-proxies 0.1``) with λ = 0.9 (``--ood-weight``'s default): the released code's
+  ``ood_subsampling_factor`` (one proxy image per ten in-distribution ones) and ``pareto_alpha``,
+  fixed before any comparison.
 
 Every seed changes initialisation, data order, augmentation and dropout masks; the scenes
 (training and validation) are the same for all runs (``--scene-seed``), so the runs of one seed
@@ -49,11 +55,17 @@ __all__ = ["METRICS", "RUNS", "WARMUP", "aggregate", "main", "render_markdown"]
 #: The warm-up of the ``uce-warmup`` run (see the module docstring for the reason).
 WARMUP = "25%"
 
+#: The share of training images with OoD proxies in the entropy-maximisation runs.
+OOD_PROXIES = "0.1"
+
 #: Run name -> (label, train/main.py options).
 RUNS: dict[str, tuple[str, list[str]]] = {
     "ce": ("CE", ["--loss", "ce"]),
     "uce": ("U-CE", ["--loss", "uce"]),
     "uce-warmup": (f"U-CE, α warm-up {WARMUP}", ["--loss", "uce", "--alpha-warmup", WARMUP]),
+    "ce-em": ("CE + EM", ["--loss", "ce", "--ood-proxies", OOD_PROXIES]),
+    "uce-warmup-em": (f"U-CE, α warm-up {WARMUP} + EM",
+                      ["--loss", "uce", "--alpha-warmup", WARMUP, "--ood-proxies", OOD_PROXIES]),
 }
 BASELINE = "ce"
 
@@ -71,11 +83,24 @@ METRICS: list[tuple[str, str, int]] = [
     ("AURC_conf", "AURC 1−conf", -1),
     ("wall_seconds", "wall time (s)", 0),
 ]
+#: Anomaly-track metrics (final.json ``anomaly[score][key]``), as METRICS.
+ANOMALY_METRICS: list[tuple[str, str, int]] = [
+    ("AP", "AUPRC", +1),
+    ("FPR95", "FPR95", -1),
+    ("AUROC", "AUROC", +1),
+    ("sIoU_gt", "sIoU", +1),
+    ("PPV", "PPV", +1),
+    ("F1_mean", "mean F1", +1),
+]
+#: Anomaly score -> its name in the report (train.engine.ANOMALY_SCORES).
+SCORE_TITLES = {"msp": "1−MSP", "entropy": "entropy", "mc_msp": "MC 1−MSP",
+                "mc_entropy": "MC entropy", "mc_mi": "MC MI", "mc_sigma": "MC σ"}
 #: The two Markdown tables of the per-run results.
 _TABLES = (("mIoU", "ECE", "NLL", "Brier", "mUnc", "wall_seconds"),
            ("AUROC_sigma", "AUROC_conf", "AUROC_MI", "AURC_sigma", "AURC_conf"))
 #: Options the driver sets itself.
-_RESERVED = ("--seed", "--out-dir", "--loss", "--alpha-warmup", "--resume", "--stop-after")
+_RESERVED = ("--seed", "--out-dir", "--loss", "--alpha-warmup", "--resume", "--stop-after",
+             "--ood-proxies")
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom.
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
@@ -120,14 +145,41 @@ def rare_classes(final: dict[str, object]) -> list[str]:
     return classes
 
 
+def _anomaly_key(score: str, key: str) -> str:
+    return f"anomaly/{score}/{key}"
+
+
+def _anomaly_scores(results: dict[str, dict[int, dict[str, object]]]) -> list[str]:
+    """The anomaly scores any run reports, in train.engine.ANOMALY_SCORES order."""
+    found = {score for run in results.values() for final in run.values()
+             for score in (final.get("anomaly") or {})}
+    return [s for s in SCORE_TITLES if s in found] + sorted(found - set(SCORE_TITLES))
+
+
+def _flat(final: dict[str, object]) -> dict[str, object]:
+    """final.json with its anomaly metrics as flat keys ``anomaly/<score>/<metric>``."""
+    flat = dict(final)
+    for score, values in (final.get("anomaly") or {}).items():
+        for key, value in values.items():
+            flat[_anomaly_key(score, key)] = value
+    return flat
+
+
 def aggregate(results: dict[str, dict[int, dict[str, object]]],
               baseline: str = BASELINE) -> dict[str, object]:
     """Summary of ``results[run][seed]`` (each a final.json): per run and metric the mean ±
     std over seeds; per run other than ``baseline`` the paired differences on the seeds both
     have (mean ± std, 95% t-interval half-width, seeds on which the run is ahead); per-class
-    IoU (mean ± std, and the mean paired difference)."""
-    summary: dict[str, object] = {"metrics": [m[0] for m in METRICS], "runs": {},
-                                  "paired": {}, "classes": {}, "baseline": baseline}
+    IoU (mean ± std, and the mean paired difference); the same for every anomaly metric of
+    every score (keys ``anomaly/<score>/<metric>``, scores in ``anomaly_scores``)."""
+    scores = _anomaly_scores(results)
+    metrics = METRICS + [(_anomaly_key(score, key), title, direction) for score in scores
+                         for key, title, direction in ANOMALY_METRICS]
+    results = {run: {seed: _flat(final) for seed, final in by_seed.items()}
+               for run, by_seed in results.items()}
+    summary: dict[str, object] = {"metrics": [m[0] for m in metrics], "runs": {},
+                                  "paired": {}, "classes": {}, "baseline": baseline,
+                                  "anomaly_scores": scores}
     any_final = next((f for run in results.values() for f in run.values()), None)
     classes = list(any_final.get("classes") or []) if any_final else []
     rare = rare_classes(any_final) if any_final else []
@@ -135,7 +187,7 @@ def aggregate(results: dict[str, dict[int, dict[str, object]]],
     for run, by_seed in results.items():
         seeds = sorted(by_seed)
         entry: dict[str, object] = {"seeds": seeds}
-        for key, _, _ in METRICS:
+        for key, _, _ in metrics:
             values = [v for s in seeds if (v := _number(by_seed[s].get(key))) is not None]
             entry[key] = _stats(values)
         summary["runs"][run] = entry
@@ -148,7 +200,7 @@ def aggregate(results: dict[str, dict[int, dict[str, object]]],
             continue
         seeds = sorted(set(by_seed) & set(base))
         paired: dict[str, object] = {"seeds": seeds}
-        for key, _, direction in METRICS:
+        for key, _, direction in metrics:
             diffs = []
             for s in seeds:
                 a, b = _number(by_seed[s].get(key)), _number(base[s].get(key))
@@ -255,7 +307,51 @@ def render_markdown(summary: dict[str, object], labels: dict[str, str] | None = 
             cells += [_signed(paired[r]["IoU"].get(name), 3) for r in paired]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _render_anomaly(summary, labels)
     return "\n".join(lines)
+
+
+def _render_anomaly(summary: dict[str, object], labels: dict[str, str]) -> list[str]:
+    """The anomaly-track tables: every run and score (mean ± std over seeds), then the paired
+    differences to the baseline with the 95% t-interval of the mean AUPRC difference."""
+    scores = summary.get("anomaly_scores") or []
+    if not scores:
+        return []
+    runs = [r for r in summary["runs"]
+            if any(summary["runs"][r].get(_anomaly_key(s, "AP"), {}).get("n") for s in scores)]
+    head = " | ".join(title for _, title, _ in ANOMALY_METRICS)
+    rule = " | ".join("---:" for _ in ANOMALY_METRICS)
+    lines = ["Anomaly track (unknown objects; pixel-level AUPRC, FPR at 95% TPR and AUROC; "
+             "component-level sIoU, PPV and mean F1 over sIoU thresholds 0.25…0.75; mean ± std "
+             "over the seeds):", "", f"| run | score | {head} |", f"| --- | --- | {rule} |"]
+    for run in runs:
+        for score in scores:
+            cells = [_fmt(summary["runs"][run].get(_anomaly_key(score, key)), 3)
+                     for key, _, _ in ANOMALY_METRICS]
+            lines.append(f"| {labels.get(run, run)} | {SCORE_TITLES.get(score, score)} | "
+                         + " | ".join(cells) + " |")
+    lines.append("")
+    paired = {r: d for r, d in summary["paired"].items() if r in runs}
+    if paired:
+        base = labels.get(summary["baseline"], summary["baseline"])
+        lines += [f"Anomaly track, paired differences to {base} (same seed; mean ± std, in "
+                  "brackets the seeds on which the run is better; 95% t-interval of the mean "
+                  "AUPRC difference):", "",
+                  "| run − " + base + " | score | "
+                  + " | ".join(f"Δ {title}" for _, title, _ in ANOMALY_METRICS)
+                  + " | 95% CI Δ AUPRC |", f"| --- | --- | {rule} | ---: |"]
+        for run, diff in paired.items():
+            for score in scores:
+                cells = [_signed(diff.get(_anomaly_key(score, key)), 3)
+                         for key, _, _ in ANOMALY_METRICS]
+                ap = diff.get(_anomaly_key(score, "AP")) or {}
+                ci, mean = ap.get("ci95"), ap.get("mean")
+                cells.append(f"[{mean - ci:+.3f}, {mean + ci:+.3f}]" if ci is not None
+                             and mean is not None else "–")
+                lines.append(f"| {labels.get(run, run)} | {SCORE_TITLES.get(score, score)} | "
+                             + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _train_command(nproc: int) -> list[str]:

@@ -23,8 +23,11 @@ _PAPER = dict(
 #: precision, β = 10 MC-dropout samples, α = 10.
 _CPU = dict(
     encoder="resnet18", width=16, decoder_channels=64, skip_channels=16, atrous_rates="2,4,6",
-    batch_size=8, crop=96, epochs=0, amp="off", num_workers=0, check_every=25, log_every=10,
+    batch_size=8, crop=96, epochs=0, amp="off", check_every=25, log_every=10,
     ckpt_every=100, eval_every=0, eval_mc_samples=10, eval_batch_size=8, panels=4,
+    # One worker process renders the scenes while the step computes (a second one, measured on
+    # 2 cores, only takes more CPU from the step).
+    num_workers=1,
     # From scratch (no ImageNet weights on a CPU box) the running statistics lag behind the
     # fast-changing weights for many steps; sample passes normalised with them give
     # meaningless sigma and U-CE weights of up to ~60 that wreck the run. Batch statistics
@@ -144,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-noise", type=float, default=0.0, metavar="P",
                    help="street: relabel each object of a training image with probability P as "
                         "another class (validation labels stay clean); 0 = off")
+    g.add_argument("--ood-proxies", type=float, default=0.0, metavar="P",
+                   help="street: paste 1-3 OoD proxy objects (furniture, bags, umbrellas, "
+                        "balls, ...; kinds no validation or anomaly scene has) into a share P "
+                        "of the training images, labelled 254, for entropy maximisation; "
+                        "0 = off (the training images unchanged)")
+    g.add_argument("--anomaly-val-size", type=int, default=0, metavar="N",
+                   help="street: N anomaly-track validation scenes (objects of kinds no "
+                        "training image has: animals, lost cargo, debris; labels 1 anomaly, "
+                        "0 known, 255 void); 0 = off")
     g.add_argument("--crop", type=int, default=768, help="training crop side (multiple of 16)")
     g.add_argument("--scale", type=float, nargs=2, default=(0.5, 2.0), metavar=("MIN", "MAX"),
                    help="random scale range")
@@ -182,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "from 1 (plain CE) as sigma becomes meaningful, without a jump in the "
                         "loss scale at the switch. The sample passes are skipped only where the "
                         "exponent is 0 (the first step). 0 = off, as in the paper")
+    g.add_argument("--ood-weight", type=float, default=0.9, metavar="LAMBDA",
+                   help="entropy maximisation (Chan et al., ICCV 2021) on the OoD proxy objects "
+                        "of --ood-proxies: their pixels get the cross-entropy against the "
+                        "uniform distribution, weighted LAMBDA against 1 - LAMBDA for the known "
+                        "pixels (with --loss ce and --loss uce alike); in [0, 1), 0 ignores "
+                        "them. Default: the paper's")
     g.add_argument("--backend", default="auto", help="uce_fast backend")
     g.add_argument("--sample-bn", choices=["running", "batch", "update"], default="running",
                    help="BatchNorm during the β sample passes: running = eval mode, running "
@@ -241,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms (slower on GPU)")
     g.add_argument("--threads", type=int, default=0,
-                   help="CPU threads per process (0: OMP_NUM_THREADS or cores / local ranks)")
+                   help="CPU threads per process (0: OMP_NUM_THREADS, else cores / local ranks, "
+                        "less --num-workers on the CPU)")
 
     g = p.add_argument_group("parity check")
     g.add_argument("--check-every", type=int, default=100,
@@ -309,6 +328,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--label-noise must be in [0, 1], got {args.label_noise}")
     if args.label_noise and args.dataset != "street":
         parser.error("--label-noise applies to --dataset street only")
+    if not 0.0 <= args.ood_proxies <= 1.0:
+        parser.error(f"--ood-proxies must be in [0, 1], got {args.ood_proxies}")
+    if args.ood_proxies and args.dataset != "street":
+        parser.error("--ood-proxies applies to --dataset street only")
+    if args.anomaly_val_size < 0:
+        parser.error(f"--anomaly-val-size must be at least 0, got {args.anomaly_val_size}")
+    if args.anomaly_val_size and args.dataset != "street":
+        parser.error("--anomaly-val-size applies to --dataset street only")
+    if not 0.0 <= args.ood_weight < 1.0:
+        parser.error(f"--ood-weight must be in [0, 1), got {args.ood_weight}")
     if args.alpha_warmup not in ("0", "0%") and args.loss != "uce":
         parser.error("--alpha-warmup applies to --loss uce only")
     if args.out_dir is None:

@@ -12,19 +12,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import uce_fast
+from train.anomaly_metrics import AnomalyMetrics, scaled_size_thresholds
 from train.metrics import SegmentationMetrics
 from train.models import ForwardParts
 from uce_fast.testing import uce_oracle
 
 __all__ = [
+    "ANOMALY_SCORES",
     "SAMPLE_BN_MODES",
     "ParityResult",
     "SampleLevers",
     "amp_context",
+    "anomaly_score_ranges",
+    "anomaly_scores",
     "compute_loss",
     "default_check_tolerance",
     "draw_mc_samples",
     "evaluate",
+    "evaluate_anomalies",
     "init_batchnorm_statistics",
     "mc_dropout_mode",
     "parity_check",
@@ -242,7 +247,8 @@ class ParityResult:
 
 def parity_check(loss: Tensor, logits: Tensor, logits_grad: Tensor, target: Tensor,
                  samples: Tensor, *, alpha: float, ignore_index: int, grad_scale: float = 1.0,
-                 tol: float | None = None) -> ParityResult:
+                 tol: float | None = None, ood_index: int | None = None,
+                 ood_weight: float | None = None) -> ParityResult:
     """Compare U-CE and its logits gradient with the float64 oracle (``uce_fast.testing``).
 
     ``loss`` and ``logits_grad`` are what the training step got from the configured backend;
@@ -252,10 +258,12 @@ def parity_check(loss: Tensor, logits: Tensor, logits_grad: Tensor, target: Tens
     Where the two largest mean probabilities of a pixel are within float32 rounding of each
     other, either class is a correct float32 answer: the oracle takes the one the backend's
     gradient matches there, and the result counts those pixels. The gradient difference is
-    relative to max |reference|.
+    relative to max |reference|. ``ood_index``/``ood_weight``: the entropy-maximisation term of
+    the loss, if any.
     """
     ref = uce_oracle(logits, target, samples, got_grad=logits_grad, grad_output=grad_scale,
-                     alpha=alpha, ignore_index=ignore_index, align_corners=True)
+                     alpha=alpha, ignore_index=ignore_index, align_corners=True,
+                     ood_index=ood_index, ood_weight=ood_weight)
     tol = default_check_tolerance(logits.dtype) if tol is None else tol
     value, ref_value = float(loss.detach()), float(ref.loss)
     loss_abs = abs(value - ref_value)
@@ -274,23 +282,65 @@ def parity_check(loss: Tensor, logits: Tensor, logits_grad: Tensor, target: Tens
 
 def compute_loss(kind: str, criterion: nn.Module | None, logits: Tensor, target: Tensor,
                  samples: uce_fast.MCAccumulator | Tensor | None, ignore_index: int,
-                 alpha: float | None = None) -> Tensor:
-    """CE (``F.cross_entropy`` in float32, as ``nn.CrossEntropyLoss``) or U-CE (``criterion``).
+                 alpha: float | None = None, *, ood_index: int | None = None,
+                 ood_weight: float | None = None, backend: str = "auto") -> Tensor:
+    """CE (``F.cross_entropy`` in float32, as ``nn.CrossEntropyLoss``) or U-CE (``criterion``),
+    each with entropy maximisation at the pixels labelled ``ood_index`` when it is given.
 
     ``alpha`` overrides U-CE's exponent for this step (the ``--alpha-warmup`` ramp). With an
     exponent of 0 every weight is 1 and the loss is CE: no samples are needed (``samples`` may
-    then be None).
+    then be None). CE with entropy maximisation is ``uce_fast.uce_loss`` with α = 0 (weighted
+    ``ood_weight`` against ``1 - ood_weight``, as the criterion's own term); ``backend`` runs it.
     """
-    if kind == "ce":
-        return F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
-    assert criterion is not None
-    if alpha is not None:
-        criterion.alpha = alpha
-    if samples is None:
+    if kind != "ce":
+        assert criterion is not None
+        if alpha is not None:
+            criterion.alpha = alpha
+        if samples is not None:
+            return criterion(logits, target, samples)
         if criterion.alpha != 0:
             raise ValueError("U-CE with a non-zero exponent needs the MC samples")
+    if ood_index is None:
         return F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
-    return criterion(logits, target, samples)
+    return uce_fast.uce_loss(logits, target, alpha=0.0, ignore_index=ignore_index,
+                             ood_index=ood_index, ood_weight=ood_weight, backend=backend)
+
+
+def _one_pass_probs(model: nn.Module, images: Tensor,
+                    autocast: Callable[[], contextlib.AbstractContextManager]) -> Tensor:
+    """Softmax (B, C, H, W) float32 of one deterministic pass: eval mode, dropout off."""
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast():
+            logits = model(images)
+    finally:
+        model.train(was_training)
+    return torch.softmax(logits.float(), dim=1)
+
+
+def _mc_statistics(model: nn.Module, images: Tensor, mc_samples: int,
+                   autocast: Callable[[], contextlib.AbstractContextManager]
+                   ) -> uce_fast.MCStats:
+    """``uce_fast.mc_stats`` of ``mc_samples`` MC-dropout passes (BatchNorm in eval mode)."""
+    acc, _ = draw_mc_samples(model, images, mc_samples, autocast=autocast,
+                             levers=SampleLevers(shared_prefix=True))
+    return uce_fast.mc_stats(acc)
+
+
+def _rng_fork(device: torch.device, seed: int):
+    """A forked RNG seeded with ``seed``: evaluation's dropout masks neither depend on nor
+    disturb the training RNG."""
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    fork = torch.random.fork_rng(devices=cuda, device_type=device.type if cuda else "cuda")
+
+    @contextlib.contextmanager
+    def seeded():
+        with fork:
+            torch.manual_seed(seed)
+            yield
+
+    return seeded()
 
 
 @torch.no_grad()
@@ -310,30 +360,18 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, num_classes:
     each batch (for panels).
     """
     metrics = SegmentationMetrics(num_classes, ignore_index, device=device)
-    cuda = [device.index or 0] if device.type == "cuda" else []
-    was_training = model.training
-    with torch.random.fork_rng(devices=cuda, device_type=device.type if cuda else "cuda"):
-        torch.manual_seed(seed)
+    with _rng_fork(device, seed):
         for images, labels in loader:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             if mc_samples >= 2:
-                acc, _ = draw_mc_samples(model, images, mc_samples, autocast=autocast,
-                                         levers=SampleLevers(shared_prefix=True))
-                stats = uce_fast.mc_stats(acc)
-                del acc
+                stats = _mc_statistics(model, images, mc_samples, autocast)
                 pred, sigma, probs = stats.pred, stats.sigma, stats.mean_probs
                 mutual_info = stats.mutual_info
                 conf = probs.gather(1, pred.unsqueeze(1)).squeeze(1)
                 uncertainty = sigma
             else:
-                model.eval()
-                try:
-                    with autocast():
-                        logits = model(images)
-                finally:
-                    model.train(was_training)
-                probs = torch.softmax(logits.float(), dim=1)
+                probs = _one_pass_probs(model, images, autocast)
                 conf, pred = probs.max(dim=1)
                 sigma = mutual_info = None
                 uncertainty = 1.0 - conf
@@ -343,3 +381,79 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, num_classes:
                 on_batch(images, labels, pred, uncertainty)
     metrics.all_reduce()
     return metrics.compute()
+
+
+#: Anomaly scores (higher = more anomalous): name -> what it is. The first two come from one
+#: deterministic pass, the others from the MC-dropout passes (``uce_fast.mc_stats``).
+ANOMALY_SCORES = {
+    "msp": "1 - max softmax, one pass",
+    "entropy": "softmax entropy, one pass",
+    "mc_msp": "1 - max mean softmax, MC dropout",
+    "mc_entropy": "entropy of the mean softmax, MC dropout",
+    "mc_mi": "mutual information, MC dropout",
+    "mc_sigma": "sigma (U-CE's), MC dropout",
+}
+#: The bound of MC sigma's histogram: the largest standard deviation (correction 1) of values in
+#: [0, 1] over β >= 2 samples is sqrt(β / (4 (β - 1))) <= 0.7072.
+_SIGMA_MAX = 0.75
+
+
+def anomaly_score_ranges(num_classes: int, mc: bool) -> dict[str, tuple[float, float]]:
+    """The value range of each anomaly score (its histogram's bins span it): [0, 1] for
+    1 − max softmax, [0, ln C] for entropies and the mutual information, [0, 0.75] for sigma;
+    without MC dropout only the one-pass scores."""
+    log_c = math.log(num_classes)
+    ranges = {"msp": (0.0, 1.0), "entropy": (0.0, log_c)}
+    if mc:
+        ranges.update(mc_msp=(0.0, 1.0), mc_entropy=(0.0, log_c), mc_mi=(0.0, log_c),
+                      mc_sigma=(0.0, _SIGMA_MAX))
+    return ranges
+
+
+@torch.no_grad()
+def anomaly_scores(model: nn.Module, images: Tensor, *, mc_samples: int = 0,
+                   autocast: Callable[[], contextlib.AbstractContextManager]
+                   = contextlib.nullcontext) -> dict[str, Tensor]:
+    """The :data:`ANOMALY_SCORES` of ``images`` (B, 3, H, W): name -> (B, H, W) float32; the MC
+    ones only with ``mc_samples >= 2``."""
+    probs = _one_pass_probs(model, images, autocast)
+    scores = {"msp": 1.0 - probs.amax(dim=1),
+              "entropy": torch.special.entr(probs).sum(dim=1)}
+    del probs
+    if mc_samples >= 2:
+        stats = _mc_statistics(model, images, mc_samples, autocast)
+        scores.update(mc_msp=1.0 - stats.mean_probs.amax(dim=1), mc_entropy=stats.entropy,
+                      mc_mi=stats.mutual_info, mc_sigma=stats.sigma)
+    return scores
+
+
+@torch.no_grad()
+def evaluate_anomalies(model: nn.Module, loader: torch.utils.data.DataLoader, num_classes: int,
+                       *, device: torch.device, mc_samples: int = 0,
+                       autocast: Callable[[], contextlib.AbstractContextManager]
+                       = contextlib.nullcontext, seed: int = 0, keep: int = 0
+                       ) -> tuple[dict[str, dict[str, object]], list[tuple[Tensor, ...]]]:
+    """Anomaly-segmentation metrics (``train.anomaly_metrics``) of every score over this rank's
+    share of ``loader`` (labels 1 anomaly, 0 known, 255 void), exact over all ranks.
+
+    The component metrics' size thresholds are the benchmark's scaled to the images' area. The
+    dropout masks come from a forked RNG seeded with ``seed``. Returns ``(metrics per score,
+    panels)``: the first ``keep`` images of this rank as ``(image, gt, scores)`` on the CPU.
+    """
+    metrics = None
+    panels: list[tuple[Tensor, ...]] = []
+    with _rng_fork(device, seed):
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            scores = anomaly_scores(model, images, mc_samples=mc_samples, autocast=autocast)
+            if metrics is None:
+                min_segment, min_instance = scaled_size_thresholds(*labels.shape[-2:])
+                metrics = AnomalyMetrics(anomaly_score_ranges(num_classes, mc_samples >= 2),
+                                         min_segment=min_segment, min_instance=min_instance)
+            metrics.update(labels.cpu(), {k: v.cpu() for k, v in scores.items()})
+            for i in range(min(keep - len(panels), images.shape[0])):
+                panels.append((images[i].cpu(), labels[i].cpu(),
+                               {k: v[i].cpu() for k, v in scores.items()}))
+    if metrics is None:  # nothing on this rank: still take part in the collectives
+        metrics = AnomalyMetrics(anomaly_score_ranges(num_classes, mc_samples >= 2))
+    return metrics.compute(), panels

@@ -1,4 +1,5 @@
-"""PNG panels like the paper's Figure 3: image | label | prediction | error | uncertainty."""
+"""PNG panels like the paper's Figure 3: image | label | prediction | error | uncertainty; and
+anomaly panels: image | anomaly label | anomaly mask | score, one row per score."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from torch import Tensor
 
 from train.data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["CITYSCAPES_PALETTE", "SYNTHETIC_PALETTE", "colorize", "heatmap", "save_panel"]
+__all__ = ["CITYSCAPES_PALETTE", "SYNTHETIC_PALETTE", "colorize", "heatmap", "save_anomaly_panel",
+           "save_panel"]
 
 CITYSCAPES_PALETTE = (
     (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
@@ -59,13 +61,11 @@ def save_panel(path: str | os.PathLike[str], image: Tensor, label: Tensor, pred:
                normalized: bool = False, uncertainty_name: str = "sigma",
                vmax: float = SIGMA_VMAX, max_tile_width: int = 512) -> None:
     """Write image | label | prediction | error (white = wrong, grey = ignored) | uncertainty."""
-    from PIL import Image, ImageDraw
-
     lab = label.detach().cpu().numpy()
     prd = pred.detach().cpu().numpy()
     error = np.where(prd != lab, 255, 0).astype(np.uint8)
     error[lab == IGNORE_INDEX] = 96
-    tiles = [
+    row = [
         ("image", _image_to_uint8(image, normalized)),
         ("label", colorize(lab, palette)),
         ("prediction", colorize(prd, palette)),
@@ -73,21 +73,65 @@ def save_panel(path: str | os.PathLike[str], image: Tensor, label: Tensor, pred:
         (f"{uncertainty_name} (0..{vmax:g})",
          heatmap(uncertainty.detach().float().cpu().numpy(), vmax)),
     ]
-    h, w = lab.shape
+    _write_grid(path, [row], max_tile_width)
+
+
+def save_anomaly_panel(path: str | os.PathLike[str], image: Tensor, label: Tensor,
+                       scores: dict[str, Tensor], thresholds: dict[str, float | None],
+                       titles: dict[str, str] | None = None, *, normalized: bool = False,
+                       max_tile_width: int = 512) -> None:
+    """Write one row per anomaly score: image | anomaly label (white = anomaly, grey = void) |
+    anomaly mask (the score at or above its threshold; void grey) | score (heat map from the
+    image's smallest to its largest score). ``label`` (H, W): 1 anomaly, 0 known, 255 void;
+    ``scores`` name -> (H, W); ``thresholds`` name -> the score's threshold (None: no mask)."""
+    lab = label.detach().cpu().numpy()
+    void = lab == 255
+    truth = np.where(lab == 1, 255, 0).astype(np.uint8)
+    truth[void] = 96
+    img = _image_to_uint8(image, normalized)
+    rows = []
+    for name, score in scores.items():
+        values = score.detach().float().cpu().numpy()
+        threshold = thresholds.get(name)
+        mask = np.zeros_like(truth) if threshold is None else \
+            np.where(values >= threshold, 255, 0).astype(np.uint8)
+        mask[void] = 96
+        lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+        title = (titles or {}).get(name, name)
+        rows.append([
+            (title, img),
+            ("anomaly label", np.repeat(truth[..., None], 3, axis=2)),
+            ("mask" if threshold is None else f"mask (>= {threshold:.3g})",
+             np.repeat(mask[..., None], 3, axis=2)),
+            (f"score ({lo:.3g}..{hi:.3g})", heatmap(values - lo, hi - lo)),
+        ])
+    _write_grid(path, rows, max_tile_width)
+
+
+def _write_grid(path: str | os.PathLike[str], rows: list[list[tuple[str, np.ndarray]]],
+                max_tile_width: int) -> None:
+    """Rows of equally sized titled tiles as one PNG, written atomically."""
+    from PIL import Image, ImageDraw
+
+    h, w = rows[0][0][1].shape[:2]
     # large images shrink to max_tile_width; small ones grow (integer factor) to about 256 px
     scale = max_tile_width / w if w > max_tile_width else float(max(1, 256 // w))
     tw, th = max(1, round(w * scale)), max(1, round(h * scale))
     gap, title = 4, 14
-    canvas = Image.new("RGB", (len(tiles) * tw + (len(tiles) - 1) * gap, th + title), "white")
+    columns = max(len(row) for row in rows)
+    canvas = Image.new("RGB", (columns * tw + (columns - 1) * gap,
+                               len(rows) * (th + title + gap) - gap), "white")
     draw = ImageDraw.Draw(canvas)
-    for i, (name, arr) in enumerate(tiles):
-        tile = Image.fromarray(arr)
-        if scale != 1.0:
-            resample = Image.BILINEAR if name == "image" else Image.NEAREST
-            tile = tile.resize((tw, th), resample)
-        x = i * (tw + gap)
-        canvas.paste(tile, (x, title))
-        draw.text((x + 2, 1), name, fill="black")
+    for r, row in enumerate(rows):
+        y = r * (th + title + gap)
+        for i, (name, arr) in enumerate(row):
+            tile = Image.fromarray(arr)
+            if scale != 1.0:
+                resample = Image.BILINEAR if i == 0 else Image.NEAREST
+                tile = tile.resize((tw, th), resample)
+            x = i * (tw + gap)
+            canvas.paste(tile, (x, y + title))
+            draw.text((x + 2, y + 1), name, fill="black")
     os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
     tmp = f"{os.fspath(path)}.tmp.png"
     canvas.save(tmp)
