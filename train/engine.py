@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import uce_fast
-from train.anomaly_metrics import AnomalyMetrics, scaled_size_thresholds
+from train.anomaly_metrics import AnomalyMetrics
 from train.metrics import SegmentationMetrics
 from train.models import ForwardParts
 from uce_fast.testing import uce_oracle
@@ -436,24 +436,19 @@ def evaluate_anomalies(model: nn.Module, loader: torch.utils.data.DataLoader, nu
     """Anomaly-segmentation metrics (``train.anomaly_metrics``) of every score over this rank's
     share of ``loader`` (labels 1 anomaly, 0 known, 255 void), exact over all ranks.
 
-    The component metrics' size thresholds are the benchmark's scaled to the images' area. The
-    dropout masks come from a forked RNG seeded with ``seed``. Returns ``(metrics per score,
-    panels)``: the first ``keep`` images of this rank as ``(image, gt, scores)`` on the CPU.
+    The component metrics' size thresholds are the benchmark's scaled to each image's area
+    (``AnomalyMetrics``' default). The dropout masks come from a forked RNG seeded with ``seed``.
+    Returns ``(metrics per score, panels)``: the first ``keep`` images of this rank as
+    ``(image, gt, scores)`` on the CPU.
     """
-    metrics = None
+    metrics = AnomalyMetrics(anomaly_score_ranges(num_classes, mc_samples >= 2))
     panels: list[tuple[Tensor, ...]] = []
     with _rng_fork(device, seed):
         for images, labels in loader:
             images = images.to(device, non_blocking=True)
             scores = anomaly_scores(model, images, mc_samples=mc_samples, autocast=autocast)
-            if metrics is None:
-                min_segment, min_instance = scaled_size_thresholds(*labels.shape[-2:])
-                metrics = AnomalyMetrics(anomaly_score_ranges(num_classes, mc_samples >= 2),
-                                         min_segment=min_segment, min_instance=min_instance)
             metrics.update(labels.cpu(), {k: v.cpu() for k, v in scores.items()})
             for i in range(min(keep - len(panels), images.shape[0])):
                 panels.append((images[i].cpu(), labels[i].cpu(),
                                {k: v[i].cpu() for k, v in scores.items()}))
-    if metrics is None:  # nothing on this rank: still take part in the collectives
-        metrics = AnomalyMetrics(anomaly_score_ranges(num_classes, mc_samples >= 2))
-    return metrics.compute(), panels
+    return metrics.compute(), panels  # collective: also on a rank with no images

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from train.anomaly_metrics import ANOMALY, VOID
 from train.data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["CITYSCAPES_PALETTE", "SYNTHETIC_PALETTE", "colorize", "heatmap", "save_anomaly_panel",
@@ -85,8 +86,8 @@ def save_anomaly_panel(path: str | os.PathLike[str], image: Tensor, label: Tenso
     image's smallest to its largest score). ``label`` (H, W): 1 anomaly, 0 known, 255 void;
     ``scores`` name -> (H, W); ``thresholds`` name -> the score's threshold (None: no mask)."""
     lab = label.detach().cpu().numpy()
-    void = lab == 255
-    truth = np.where(lab == 1, 255, 0).astype(np.uint8)
+    void = lab == VOID
+    truth = np.where(lab == ANOMALY, 255, 0).astype(np.uint8)
     truth[void] = 96
     img = _image_to_uint8(image, normalized)
     rows = []
